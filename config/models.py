@@ -1,0 +1,187 @@
+"""Typed settings: what a commsync YAML file may say, with defaults a user would choose."""
+
+from __future__ import annotations
+
+import re
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .secrets import check_secret, read_secret
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept `90`, `90s`, `15m`, `2h`, `1d` as well as pydantic's own forms."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    return value
+
+
+class _Model(BaseModel):
+    # Typos in a config file must fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MongoSettings(_Model):
+    uri: str = Field(
+        default="mongodb://localhost:27017",
+        description="MongoDB connection string; memory:// keeps everything in this process only.",
+    )
+    database: str = "commsync"
+    server_selection_timeout: timedelta = timedelta(seconds=10)
+
+    _dur = field_validator("server_selection_timeout", mode="before")(parse_duration)
+
+    @property
+    def is_memory(self) -> bool:
+        return self.uri.startswith("memory://")
+
+    def __repr_args__(self):  # the URI may carry a password
+        for key, value in super().__repr_args__():
+            yield key, (_redact_uri(value) if key == "uri" else value)
+
+
+def _redact_uri(uri: str) -> str:
+    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", uri)
+
+
+class CustomersSettings(_Model):
+    collection: str = Field(default="customers", description="The CRM's customers: {_id, name, emails, phones}.")
+
+
+class CaptureSettings(_Model):
+    max_content_chars: int = Field(default=100_000, ge=1_000, description="Longer content is cut and flagged.")
+    max_message_bytes: int = Field(
+        default=25 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Fetch at most this much of one message; the rest is not downloaded.",
+    )
+
+
+class DaemonSettings(_Model):
+    poll_interval: timedelta = Field(default=timedelta(minutes=1), description="Pause between passes over a source.")
+    backoff_max: timedelta = Field(default=timedelta(minutes=10), description="Longest wait between retries of a failing source.")
+    parse_workers: int | None = Field(default=None, ge=1, description="Processes that parse mail (default: one per core).")
+
+    _dur = field_validator("poll_interval", "backoff_max", mode="before")(parse_duration)
+
+
+class MailboxConfig(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    host: str = Field(min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535, description="Default 993 for tls, 143 otherwise.")
+    security: Literal["tls", "starttls", "none"] = "tls"
+    tls_verify: bool = Field(default=True, description="Verify the server certificate (leave on).")
+    ca_file: Path | None = Field(default=None, description="Extra CA bundle for a private certificate authority.")
+    username: str = Field(min_length=1)
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    addresses: list[str] = Field(
+        default_factory=list,
+        description="The mailbox's own addresses (aliases); the username counts when it is an address.",
+    )
+    folders: list[str] | None = Field(default=None, description="Default: INBOX plus the \\Sent folder (SPECIAL-USE).")
+    since: date | None = Field(default=None, description="How far back the first sync reaches (default: everything).")
+    batch_size: int = Field(default=500, ge=1, le=5000)
+    poll_interval: timedelta | None = Field(default=None, description="Overrides daemon.poll_interval.")
+    timeout: timedelta = Field(default=timedelta(seconds=60), description="Network timeout of one IMAP command.")
+
+    _dur = field_validator("poll_interval", "timeout", mode="before")(parse_duration)
+
+    @field_validator("addresses")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        return [v.strip().lower() for v in value]
+
+    @model_validator(mode="after")
+    def _one_password(self) -> MailboxConfig:
+        given = [k for k in ("password", "password_file", "password_env") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of password, password_file, password_env" + (f" (got {', '.join(given)})" if given else "")
+            )
+        check_secret(self.password, self.password_file, self.password_env)
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file {self.ca_file} does not exist")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (993 if self.security == "tls" else 143)
+
+    @property
+    def own_addresses(self) -> frozenset[str]:
+        own = set(self.addresses)
+        if "@" in self.username:
+            own.add(self.username.lower())
+        return frozenset(own)
+
+    def read_password(self) -> str:
+        """The password, read now (files are re-read so rotation works)."""
+        return read_secret(self.password, self.password_file, self.password_env)
+
+
+class Settings(BaseSettings):
+    """The whole configuration file. ``COMMSYNC_A__B`` environment variables override key a.b."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="COMMSYNC_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    mongodb: MongoSettings = MongoSettings()
+    customers: CustomersSettings = CustomersSettings()
+    internal_domains: list[str] = Field(default_factory=list, description="Addresses here are never customers.")
+    capture: CaptureSettings = CaptureSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    mailboxes: list[MailboxConfig] = Field(default_factory=list)
+
+    @field_validator("internal_domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        return [v.strip().lower().lstrip("@") for v in value]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        seen: set[str] = set()
+        for source in self.sources():
+            if source.name in seen:
+                raise ValueError(f"source name {source.name!r} is used twice; names key checkpoints and must be unique")
+            seen.add(source.name)
+        return self
+
+    def sources(self) -> list[MailboxConfig]:
+        """Every configured source, in file order."""
+        return list(self.mailboxes)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)

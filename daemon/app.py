@@ -1,0 +1,68 @@
+"""Assembly: settings in, store and connectors out. The CLI's commands share it."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
+
+from commsync.config.models import Settings
+from commsync.connectors.base import Connector
+from commsync.connectors.imap import ImapConnector
+from commsync.connectors.parsing import MailOptions, MailParser
+
+from .store import Store
+
+
+def open_store(settings: Settings) -> Store:
+    """The configured store (not yet contacted)."""
+    m = settings.mongodb
+    return Store.connect(
+        m.uri,
+        m.database,
+        customers=settings.customers.collection,
+        timeout_ms=int(m.server_selection_timeout.total_seconds() * 1000),
+    )
+
+
+def parse_workers(settings: Settings) -> int:
+    return settings.daemon.parse_workers or os.cpu_count() or 1
+
+
+@contextmanager
+def parse_pool(settings: Settings) -> Iterator[Executor]:
+    """Processes that parse mail, one per core unless configured."""
+    # forkserver: forking a process that runs threads (IMAP, the driver) is unsafe.
+    pool = ProcessPoolExecutor(parse_workers(settings), mp_context=multiprocessing.get_context("forkserver"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def mail_parser(settings: Settings, executor: Executor | None, own_addresses: frozenset[str]) -> MailParser:
+    options = MailOptions(
+        own_addresses=own_addresses,
+        internal_domains=frozenset(settings.internal_domains),
+        max_content_chars=settings.capture.max_content_chars,
+    )
+    return MailParser(options, executor, workers=parse_workers(settings))
+
+
+def all_own_addresses(settings: Settings) -> frozenset[str]:
+    """Every configured mailbox's own addresses (for archives that belong to none)."""
+    return frozenset().union(*(m.own_addresses for m in settings.mailboxes))
+
+
+def build_connectors(settings: Settings, executor: Executor | None) -> list[Connector]:
+    """One connector per configured source."""
+    return [
+        ImapConnector(
+            mailbox,
+            mail_parser(settings, executor, mailbox.own_addresses),
+            max_message_bytes=settings.capture.max_message_bytes,
+        )
+        for mailbox in settings.mailboxes
+    ]

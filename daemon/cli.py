@@ -1,0 +1,164 @@
+"""The `commsync` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from commsync.config import ConfigError, Settings, load_settings
+from commsync.connectors.mbox import MboxConnector
+
+from . import app, logs
+from .runner import DryRunSink, Runner, StoreSink
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_CONFIG = "/etc/commsync/commsync.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="commsync", description="Capture customer email, calls and texts into MongoDB.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "-c", "--config", default=os.environ.get("COMMSYNC_CONFIG", DEFAULT_CONFIG), help="YAML config file (default: %(default)s)"
+        )
+        return p
+
+    run = with_config(sub.add_parser("run", help="capture until stopped (SIGTERM/SIGINT)"))
+    run.add_argument("--once", action="store_true", help="one pass over every source, then exit (1 if a source failed)")
+    run.add_argument("--dry-run", action="store_true", help="print records as JSON lines; write nothing (implies --once)")
+
+    with_config(sub.add_parser("check", help="validate the config, reach MongoDB, log in to every source"))
+
+    imp = sub.add_parser("import", help="backfill an archive")
+    imp_sub = imp.add_subparsers(dest="format", required=True)
+    mbox = with_config(imp_sub.add_parser("mbox", help="an mbox file (Gmail Takeout, Thunderbird)"))
+    mbox.add_argument("file", type=Path)
+    mbox.add_argument("--name", help="source name for checkpoints (default: mbox-FILENAME)")
+
+    with_config(sub.add_parser("rebuild-history", help="recompute every customer history from the records"))
+    sub.add_parser("demo", help="import a bundled sample mailbox into an in-memory store and show the histories")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        logs.configure("warning")
+        return asyncio.run(run_demo(sys.stdout))
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        logs.configure("info")
+        print(f"commsync: invalid configuration\n{exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level)
+    command = {"run": _run, "check": _check, "import": _import, "rebuild-history": _rebuild}[args.command]
+    return asyncio.run(command(settings, args))
+
+
+def _install_signals(runner: Runner) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, runner.stop)
+
+
+async def _run(settings: Settings, args: Any) -> int:
+    if not settings.sources():
+        print("commsync: the config lists no sources (mailboxes)", file=sys.stderr)
+        return 2
+    dry = args.dry_run
+    with app.parse_pool(settings) as pool:
+        connectors = app.build_connectors(settings, pool)
+        store = None
+        if dry:
+            sink: Any = DryRunSink()
+        else:
+            store = app.open_store(settings)
+            await store.ping()
+            await store.ensure_indexes()
+            sink = StoreSink(store)
+        runner = Runner(
+            connectors,
+            sink,
+            once=args.once or dry,
+            poll_interval=settings.daemon.poll_interval,
+            intervals={m.name: m.poll_interval for m in settings.mailboxes if m.poll_interval},
+            backoff_max=settings.daemon.backoff_max,
+        )
+        _install_signals(runner)
+        log.info("started", sources=len(connectors), dry_run=dry, once=runner.once)
+        ok = await runner.run()
+        if store is not None:
+            store.close()
+    log.info("stopped", ok=ok)
+    return 0 if ok or not runner.once else 1
+
+
+async def _check(settings: Settings, args: Any) -> int:
+    failed = False
+
+    def line(ok: bool, what: str, detail: str) -> None:
+        nonlocal failed
+        failed |= not ok
+        print(f"{'ok  ' if ok else 'FAIL'}  {what:<24} {detail}", flush=True)
+
+    line(True, "config", args.config)
+    store = app.open_store(settings)
+    try:
+        await store.ping()
+        line(True, "mongodb", f"database {settings.mongodb.database}")
+    except Exception as exc:
+        line(False, "mongodb", f"{type(exc).__name__}: {exc}"[:300])
+    finally:
+        store.close()
+    for connector in app.build_connectors(settings, None):
+        try:
+            line(True, f"{connector.kind} {connector.name}", await connector.check())
+        except Exception as exc:
+            line(False, f"{connector.kind} {connector.name}", f"{type(exc).__name__}: {exc}"[:300])
+        finally:
+            await connector.aclose()
+    return 1 if failed else 0
+
+
+async def _import(settings: Settings, args: Any) -> int:
+    if not args.file.is_file():
+        print(f"commsync: {args.file}: no such file", file=sys.stderr)
+        return 2
+    with app.parse_pool(settings) as pool:
+        parser = app.mail_parser(settings, pool, app.all_own_addresses(settings))
+        connector = MboxConnector(args.file, parser, name=args.name)
+        store = app.open_store(settings)
+        await store.ping()
+        await store.ensure_indexes()
+        runner = Runner([connector], StoreSink(store), once=True)
+        _install_signals(runner)
+        ok = await runner.run()
+        store.close()
+    status = runner.status[connector.name]
+    print(f"imported {status.records} records from {args.file}" + ("" if ok else f"; failed: {status.last_error}"))
+    return 0 if ok else 1
+
+
+async def _rebuild(settings: Settings, args: Any) -> int:
+    store = app.open_store(settings)
+    docs = await store.rebuild_history(write=True)
+    store.close()
+    print(f"rebuilt the history of {len(docs)} customers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
