@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import imapclient
+import imapclient.imapclient
 import structlog
 from imapclient.exceptions import LoginError
 
@@ -107,7 +108,7 @@ class ImapConnector:
         if self.config.folders is not None:
             return list(self.config.folders)
         folders = [INBOX]
-        sent = await self._call(client.find_special_folder, imapclient.SENT)
+        sent = await self._call(client.find_special_folder, imapclient.imapclient.SENT)
         if sent and sent not in folders:
             folders.append(sent)
         return folders

@@ -1,0 +1,151 @@
+"""Config: a good file loads with sensible defaults; a bad one names file, key and reason."""
+
+from __future__ import annotations
+
+import textwrap
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+
+from commsync.config import ConfigError, load_settings
+from commsync.daemon.cli import main
+
+GOOD = """
+mongodb:
+  uri: mongodb://localhost:27017
+  database: crm
+customers:
+  collection: customers
+internal_domains: [OurCo.example]
+mailboxes:
+  - name: sales
+    host: imap.ourco.example
+    port: 993
+    security: tls
+    username: sales@ourco.example
+    password_file: {secret}
+    folders: [INBOX, Sent]
+    since: 2024-01-01
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "commsync.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def secret(tmp_path):
+    path = tmp_path / "sales.pw"
+    path.write_text("s3cr3t-pa55\n", encoding="utf-8")
+    return path
+
+
+def test_issue_example_loads(tmp_path, secret):
+    s = load_settings(write(tmp_path, GOOD.format(secret=secret)))
+    box = s.mailboxes[0]
+    assert s.mongodb.database == "crm"
+    assert s.internal_domains == ["ourco.example"]
+    assert box.since == date(2024, 1, 1)
+    assert box.read_password() == "s3cr3t-pa55"  # trailing newline of the file is not part of it
+    assert box.own_addresses == frozenset({"sales@ourco.example"})
+
+
+def test_defaults_a_user_would_choose(tmp_path):
+    s = load_settings(write(tmp_path, "mailboxes: [{name: a, host: h, username: u@x.example, password: p}]"))
+    box = s.mailboxes[0]
+    assert (box.security, box.effective_port, box.tls_verify) == ("tls", 993, True)
+    assert box.folders is None  # INBOX plus the \Sent folder, found at connect time
+    assert 100 <= box.batch_size <= 1000
+    assert s.daemon.poll_interval == timedelta(minutes=1)
+
+
+def test_durations_read_like_a_human_writes_them(tmp_path):
+    s = load_settings(write(tmp_path, "daemon: {poll_interval: 30s, backoff_max: 15m}"))
+    assert s.daemon.poll_interval == timedelta(seconds=30)
+    assert s.daemon.backoff_max == timedelta(minutes=15)
+
+
+def test_environment_overrides_the_file(tmp_path, secret, monkeypatch):
+    monkeypatch.setenv("COMMSYNC_MONGODB__URI", "mongodb://db.internal:27017")
+    monkeypatch.setenv("COMMSYNC_LOG_LEVEL", "debug")
+    s = load_settings(write(tmp_path, GOOD.format(secret=secret)))
+    assert s.mongodb.uri == "mongodb://db.internal:27017"
+    assert s.mongodb.database == "crm"  # the rest of the section still comes from the file
+    assert s.log_level == "debug"
+
+
+def test_password_from_env_and_credentials_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("SALES_PW", "from-env")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "support").write_text("from-creds", encoding="utf-8")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    s = load_settings(
+        write(
+            tmp_path,
+            """
+            mailboxes:
+              - {name: a, host: h, username: u, password_env: SALES_PW}
+              - {name: b, host: h, username: u, password_file: support}
+            """,
+        )
+    )
+    assert [m.read_password() for m in s.mailboxes] == ["from-env", "from-creds"]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("mailboxes: [{name: a, host: h, username: u, password: p, prot: 1}]", "mailboxes[0](a).prot: unknown key"),
+        ("mailboxes: [{name: a, host: h, username: u}]", "mailboxes[0](a): set exactly one of password"),
+        ("mailboxes: [{name: a, host: h, username: u, password: p, security: ssl}]", "mailboxes[0](a).security: Input should be"),
+        ("mailboxes: [{name: a, host: h, username: u, password: p, port: 99999}]", "mailboxes[0](a).port:"),
+        ("mailboxes: [{name: a, host: h, username: u, password_file: /nonexistent/pw}]", "cannot read /nonexistent/pw"),
+        ("mailboxes: [{name: a, host: h, username: u, password_env: NOPE_NOT_SET_XYZ}]", "NOPE_NOT_SET_XYZ is not set"),
+        (
+            "mailboxes: [{name: a, host: h, username: u, password: p}, {name: a, host: h, username: u, password: p}]",
+            "source name 'a' is used twice",
+        ),
+        ("mongodb: {uri: mongodb://x, databse: crm}", "mongodb.databse: unknown key"),
+        ("mailboxes:\n  - name: a\n   host: h", "not valid YAML"),
+        ("- just\n- a list", "top level must be a mapping"),
+        ("mailboxes: [{name: 'bad name/x', host: h, username: u, password: p}]", "mailboxes[0](bad name/x).name:"),
+    ],
+)
+def test_bad_config_names_file_key_and_reason(tmp_path, body, expected):
+    path = write(tmp_path, body)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_cli_exits_2_on_bad_config_and_never_prints_the_password(tmp_path, capsys):
+    path = write(tmp_path, "mailboxes: [{name: a, host: h, username: u, password: TopSecret123, port: nope}]")
+    assert main(["check", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "mailboxes[0](a).port" in err and str(path) in err
+    assert "TopSecret123" not in err
+
+
+def test_secrets_stay_out_of_repr(tmp_path):
+    s = load_settings(
+        write(tmp_path, "mongodb: {uri: 'mongodb://app:DbPass99@db:27017'}\nmailboxes: [{name: a, host: h, username: u, password: TopSecret123}]")
+    )
+    text = repr(s) + str(s)
+    assert "TopSecret123" not in text and "DbPass99" not in text
+
+
+def test_example_config_is_valid(monkeypatch):
+    example = Path(__file__).resolve().parents[1] / "config" / "example.yaml"
+    monkeypatch.setenv("COMMSYNC_EXAMPLE_PASSWORD", "x")
+    s = load_settings(example)
+    assert s.mailboxes

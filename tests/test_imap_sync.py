@@ -1,0 +1,314 @@
+"""IMAP capture against a real Dovecot: the daemon's own code end to end, into the store."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from commsync.config import settings_from_dict
+from commsync.daemon import app
+from commsync.daemon.cli import main
+from commsync.daemon.runner import Runner, StoreSink
+from mailgen import message
+
+CORPUS = Path(__import__("os").environ.get("COMMSYNC_CORPUS_DIR") or Path(__file__).resolve().parents[2] / "shared" / "corpus" / "email")
+
+
+def settings_for(dovecot, *users, **mailbox):
+    boxes = []
+    for n, user in enumerate(users):
+        box = {
+            "name": mailbox.pop("name", None) or f"box{n}",
+            "host": dovecot.host,
+            "port": dovecot.port,
+            "security": "none",
+            "username": user.name,
+            "password": user.password,
+            "addresses": [f"{user.name}@ourco.example"],
+        }
+        box.update(mailbox)
+        boxes.append(box)
+    return settings_from_dict(
+        {"mongodb": {"uri": "memory://"}, "internal_domains": ["ourco.example"], "mailboxes": boxes, "daemon": {"parse_workers": 2}}
+    )
+
+
+class CountingSink(StoreSink):
+    """Remembers what each batch carried, to prove what was fetched."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.batches = []
+
+    async def write(self, source, batch):
+        self.batches.append((source, batch.stream, len(batch.records), batch.skipped))
+        await super().write(source, batch)
+
+
+async def sync(settings, store, executor=None, sink=None):
+    sink = sink or CountingSink(store)
+    runner = Runner(app.build_connectors(settings, executor), sink, once=True)
+    ok = await runner.run()
+    return ok, runner, sink
+
+
+async def test_first_sync_incremental_and_checkpoints(dovecot, imap_user, memory_store):
+    await memory_store.customers.insert_one({"_id": "c-alice", "emails": ["Alice@Example.com"]})
+    for i in range(5):
+        dovecot.append(imap_user.name, "INBOX", message(i))
+    dovecot.append(imap_user.name, "Sent", message(99, sender=f"{imap_user.name}@ourco.example", to="alice@example.com"))
+    settings = settings_for(dovecot, imap_user)
+
+    ok, runner, sink = await sync(settings, memory_store)
+    assert ok, runner.status
+    assert await memory_store.records.count_documents({}) == 6
+    state = await memory_store.load_state("box0")
+    assert set(state) == {"INBOX", "Sent"}  # Sent found through SPECIAL-USE
+    assert state["INBOX"]["last_uid"] == 5
+    hist = await memory_store.history.find_one({"_id": "c-alice"})
+    assert (hist["total"], hist["inbound"], hist["outbound"]) == (6, 5, 1)
+
+    new_uid = dovecot.append(imap_user.name, "INBOX", message(6))
+    ok, _, sink = await sync(settings, memory_store)
+    assert ok
+    # Only the new message was fetched and stored.
+    assert [b for b in sink.batches if b[2]] == [("box0", "INBOX", 1, 0)]
+    assert (await memory_store.load_state("box0"))["INBOX"]["last_uid"] == new_uid
+    assert (await memory_store.history.find_one({"_id": "c-alice"}))["total"] == 7
+
+
+async def test_records_carry_the_contract_fields(dovecot, imap_user, memory_store):
+    raw = message(1, subject="=?utf-8?q?Angebot_f=C3=BCr_Paletten?=", html=True, attachment=b"%PDF-1.4 test")
+    uid = dovecot.append(imap_user.name, "INBOX", raw)
+    await sync(settings_for(dovecot, imap_user), memory_store)
+    rec = await memory_store.records.find_one({})
+    assert rec["channel"] == "email" and rec["direction"] == "inbound"
+    assert rec["subject"] == "Angebot für Paletten"
+    assert rec["occurred_at"] == datetime(2025, 1, 1, 0, 1, tzinfo=UTC)
+    assert rec["attachments"][0]["filename"] == "invoice-1.pdf"
+    assert rec["sources"] == [{"kind": "imap", "source": "box0", "folder": "INBOX", "uidvalidity": rec["sources"][0]["uidvalidity"], "uid": uid}]
+    assert rec["ingested_at"].tzinfo is not None
+    assert "Hello" in rec["content"]
+
+
+async def test_flags_are_unchanged_by_capture(dovecot, imap_user, memory_store):
+    unread = dovecot.append(imap_user.name, "INBOX", message(1))
+    flagged = dovecot.append(imap_user.name, "INBOX", message(2), flags=[b"\\Flagged"])
+    await sync(settings_for(dovecot, imap_user), memory_store)
+    client = dovecot.client(imap_user.name)
+    client.select_folder("INBOX", readonly=True)
+    flags = client.get_flags([unread, flagged])
+    client.logout()
+    # \Recent belongs to the session, not the user; everything else must be as the user left it.
+    assert set(flags[unread]) - {b"\\Recent"} == set()
+    assert set(flags[flagged]) - {b"\\Recent"} == {b"\\Flagged"}
+
+
+async def test_uidvalidity_change_resyncs_without_duplicates(dovecot, imap_user, memory_store):
+    for i in range(4):
+        dovecot.append(imap_user.name, "INBOX", message(i))
+    settings = settings_for(dovecot, imap_user)
+    await sync(settings, memory_store)
+    old = (await memory_store.load_state("box0"))["INBOX"]["uidvalidity"]
+    new = dovecot.reset_uidvalidity(imap_user.name, "INBOX")
+    assert new != old
+    ok, _, sink = await sync(settings, memory_store)
+    assert ok
+    assert sum(b[2] for b in sink.batches) == 4  # the folder was read again
+    assert await memory_store.records.count_documents({}) == 4
+    for rec in await memory_store.records.find().to_list(None):
+        assert [s["uidvalidity"] for s in rec["sources"]] == [new]
+    assert (await memory_store.load_state("box0"))["INBOX"]["uidvalidity"] == new
+
+
+async def test_same_message_id_in_inbox_and_sent_is_one_record(dovecot, imap_user, memory_store):
+    raw = message(7, sender=f"{imap_user.name}@ourco.example", to="bob@example.org", message_id="<same@ourco.example>")
+    dovecot.append(imap_user.name, "INBOX", raw)
+    dovecot.append(imap_user.name, "Sent", raw)
+    await sync(settings_for(dovecot, imap_user), memory_store)
+    recs = await memory_store.records.find().to_list(None)
+    assert len(recs) == 1
+    assert recs[0]["_id"] == "same@ourco.example"
+    assert recs[0]["direction"] == "outbound"
+    assert sorted(s["folder"] for s in recs[0]["sources"]) == ["INBOX", "Sent"]
+
+
+async def test_same_message_in_two_mailboxes_is_one_record(dovecot, memory_store):
+    a, b = dovecot.new_user("a"), dovecot.new_user("b")
+    raw = message(3, to="a@ourco.example, b@ourco.example")
+    dovecot.append(a.name, "INBOX", raw)
+    dovecot.append(b.name, "INBOX", raw)
+    ok, _, _ = await sync(settings_for(dovecot, a, b), memory_store)
+    assert ok
+    rec = await memory_store.records.find_one({})
+    assert await memory_store.records.count_documents({}) == 1
+    assert sorted(s["source"] for s in rec["sources"]) == ["box0", "box1"]
+
+
+async def test_crash_between_store_and_checkpoint_loses_and_doubles_nothing(dovecot, imap_user, memory_store):
+    await memory_store.customers.insert_one({"_id": "c", "emails": ["alice@example.com"]})
+    for i in range(7):
+        dovecot.append(imap_user.name, "INBOX", message(i))
+    settings = settings_for(dovecot, imap_user, batch_size=3, folders=["INBOX"])
+
+    class Crash(CountingSink):
+        saved = 0
+
+        async def save_checkpoint(self, source, stream, checkpoint):
+            if self.saved == 1:
+                raise RuntimeError("injected: died after storing, before the checkpoint")
+            self.saved += 1
+            await super().save_checkpoint(source, stream, checkpoint)
+
+    ok, runner, _ = await sync(settings, memory_store, sink=Crash(memory_store))
+    assert not ok and "injected" in runner.status["box0"].last_error
+    assert (await memory_store.load_state("box0"))["INBOX"]["last_uid"] == 3
+    assert await memory_store.records.count_documents({}) == 6
+
+    ok, _, _ = await sync(settings, memory_store)
+    assert ok
+    assert await memory_store.records.count_documents({}) == 7
+    for rec in await memory_store.records.find().to_list(None):
+        assert len(rec["sources"]) == 1
+    hist = await memory_store.history.find_one({"_id": "c"})
+    assert hist["total"] == 7
+    rebuilt = (await memory_store.rebuild_history())["c"]
+    assert {k: v for k, v in hist.items() if k != "updated_at"} == {k: v for k, v in rebuilt.items() if k != "updated_at"}
+
+
+async def test_since_limits_the_first_sync(dovecot, imap_user, memory_store):
+    dovecot.append(imap_user.name, "INBOX", message(1), msg_time=datetime(2020, 5, 1, tzinfo=UTC))
+    dovecot.append(imap_user.name, "INBOX", message(2), msg_time=datetime(2025, 5, 1, tzinfo=UTC))
+    await sync(settings_for(dovecot, imap_user, since="2024-01-01", folders=["INBOX"]), memory_store)
+    assert await memory_store.records.count_documents({}) == 1
+
+
+async def test_huge_message_is_capped_not_fatal(dovecot, imap_user, memory_store):
+    big = message(1, attachment=b"x" * 400_000)
+    dovecot.append(imap_user.name, "INBOX", big)
+    dovecot.append(imap_user.name, "INBOX", message(2))
+    settings = settings_from_dict(
+        {
+            **json.loads(settings_for(dovecot, imap_user, folders=["INBOX"]).model_dump_json()),
+            "mailboxes": [
+                {**settings_for(dovecot, imap_user).mailboxes[0].model_dump(mode="json", exclude={"password"}), "password": imap_user.password, "folders": ["INBOX"]}
+            ],
+            "capture": {"max_message_bytes": 65536},
+        }
+    )
+    ok, _, _ = await sync(settings, memory_store)
+    assert ok
+    recs = {r["subject"].split(":")[0]: r for r in await memory_store.records.find().to_list(None)}
+    assert recs["Order 1001"]["content_truncated"] is True
+    assert recs["Order 1002"]["content_truncated"] is False
+
+
+async def test_tls_is_verified_by_default(dovecot, imap_user, memory_store):
+    tls = {"security": "tls", "port": dovecot.tls_port, "folders": ["INBOX"]}
+    dovecot.append(imap_user.name, "INBOX", message(1))
+    ok, runner, _ = await sync(settings_for(dovecot, imap_user, **tls), memory_store)
+    assert not ok and "CERTIFICATE_VERIFY_FAILED" in runner.status["box0"].last_error
+    ok, runner, _ = await sync(settings_for(dovecot, imap_user, ca_file=dovecot.ca_file, **tls), memory_store)
+    assert ok, runner.status
+    starttls = {"security": "starttls", "port": dovecot.port, "ca_file": dovecot.ca_file, "folders": ["INBOX"]}
+    ok, runner, _ = await sync(settings_for(dovecot, imap_user, **starttls), memory_store)
+    assert ok, runner.status
+    assert await memory_store.records.count_documents({}) == 1
+
+
+async def test_wrong_password_fails_that_mailbox_only(dovecot, memory_store):
+    good, bad = dovecot.new_user("good"), dovecot.new_user("bad")
+    dovecot.append(good.name, "INBOX", message(1))
+    settings = settings_for(dovecot, good, type(bad)(bad.name, "wrong-password"))
+    ok, runner, _ = await sync(settings, memory_store)
+    assert not ok
+    assert "AuthError" in runner.status["box1"].last_error
+    assert "wrong-password" not in runner.status["box1"].last_error
+    assert runner.status["box0"].last_error is None
+    assert await memory_store.records.count_documents({}) == 1
+
+
+async def test_process_pool_parsing(dovecot, imap_user, memory_store):
+    for i in range(30):
+        dovecot.append(imap_user.name, "INBOX", message(i, html=bool(i % 2)))
+    settings = settings_for(dovecot, imap_user, folders=["INBOX"], batch_size=8)
+    with app.parse_pool(settings) as pool:
+        ok, _, sink = await sync(settings, memory_store, executor=pool)
+    assert ok
+    assert [b[2] for b in sink.batches] == [8, 8, 8, 6]
+    assert await memory_store.records.count_documents({}) == 30
+
+
+def corpus_files():
+    if not CORPUS.is_dir():
+        return []
+    return sorted(CORPUS.glob("*.eml"))
+
+
+@pytest.mark.skipif(not corpus_files(), reason=f"email corpus not found at {CORPUS} (set COMMSYNC_CORPUS_DIR)")
+async def test_every_corpus_message_survives_a_real_sync(dovecot, imap_user, memory_store):
+    appended = 0
+    client = dovecot.client(imap_user.name)
+    client.create_folder("Corpus")
+    refused = []
+    for path in corpus_files():
+        try:
+            client.append("Corpus", path.read_bytes())
+            appended += 1
+        except Exception as exc:  # the server's own limits (e.g. bare NULs), not ours
+            refused.append((path.name, str(exc)))
+    client.logout()
+    assert appended >= len(corpus_files()) * 0.9, refused
+    ok, runner, sink = await sync(settings_for(dovecot, imap_user, folders=["Corpus"], batch_size=40), memory_store)
+    assert ok, runner.status
+    stored = sum(b[2] for b in sink.batches)
+    skipped = sum(b[3] for b in sink.batches)
+    assert stored + skipped == appended
+    assert skipped == 0
+    # Corpus messages share Message-IDs in places: records are per distinct id.
+    assert await memory_store.records.count_documents({}) <= stored
+    assert await memory_store.records.count_documents({"occurred_at": None}) == 0
+
+
+def test_cli_dry_run_prints_records_and_writes_nothing(dovecot, imap_user, tmp_path, capsys):
+    for i in range(3):
+        dovecot.append(imap_user.name, "INBOX", message(i))
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                # An unreachable MongoDB proves the dry run never connects to it.
+                "mongodb": {"uri": "mongodb://127.0.0.1:9", "server_selection_timeout": "1s"},
+                "mailboxes": [
+                    {"name": "m", "host": dovecot.host, "port": dovecot.port, "security": "none", "username": imap_user.name, "password": imap_user.password, "folders": ["INBOX"]}
+                ],
+            }
+        )
+    )
+    assert main(["run", "--once", "--dry-run", "-c", str(config)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3
+    assert {r["channel"] for r in lines} == {"email"}
+
+
+def test_cli_check_reports_each_item(dovecot, imap_user, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "mongodb": {"uri": "memory://"},
+                "mailboxes": [
+                    {"name": "ok", "host": dovecot.host, "port": dovecot.port, "security": "none", "username": imap_user.name, "password": imap_user.password},
+                    {"name": "nope", "host": dovecot.host, "port": dovecot.port, "security": "none", "username": imap_user.name, "password": "bad"},
+                ],
+            }
+        )
+    )
+    assert main(["check", "-c", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "ok    mongodb" in out
+    assert "ok    imap ok" in out and "login ok" in out
+    assert "FAIL  imap nope" in out and "AuthError" in out

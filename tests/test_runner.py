@@ -1,0 +1,148 @@
+"""Runner semantics with in-process connectors: checkpoint after store, isolation, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import pytest
+
+from commsync.connectors.base import AuthError, Batch
+from commsync.daemon.runner import DryRunSink, Runner, StoreSink
+from records import T0, email_record, hours
+
+
+class ListConnector:
+    """Yields numbered records in batches, resuming after the checkpoint."""
+
+    kind = "test"
+
+    def __init__(self, name, total, batch=3, fail_at=None, gate=None):
+        self.name, self.total, self.batch, self.fail_at, self.gate = name, total, batch, fail_at, gate
+        self.closed = False
+
+    async def batches(self, state):
+        done = state.get("s", {}).get("done", 0)
+        for start in range(done, self.total, self.batch):
+            if self.fail_at is not None and start >= self.fail_at:
+                raise ConnectionError("remote went away")
+            if self.gate is not None:
+                await self.gate.wait()
+            end = min(start + self.batch, self.total)
+            recs = [email_record(f"{self.name}-{i}@x", at=T0 + hours(i), source=self.name, uid=i) for i in range(start, end)]
+            yield Batch("s", recs, {"done": end})
+
+    async def check(self):
+        return "ok"
+
+    async def aclose(self):
+        self.closed = True
+
+
+class AuthFailing(ListConnector):
+    async def batches(self, state):
+        raise AuthError("login refused")
+        yield  # pragma: no cover
+
+
+async def test_checkpoint_is_saved_only_after_the_batch_is_stored(memory_store):
+    class CrashingSink(StoreSink):
+        calls = 0
+
+        async def save_checkpoint(self, source, stream, checkpoint):
+            CrashingSink.calls += 1
+            if CrashingSink.calls == 2:
+                raise RuntimeError("killed between store and checkpoint")
+            await super().save_checkpoint(source, stream, checkpoint)
+
+    runner = Runner([ListConnector("a", 10)], CrashingSink(memory_store), once=True)
+    assert await runner.run() is False
+    assert (await memory_store.load_state("a")) == {"s": {"done": 3}}
+    # The second batch is stored although its checkpoint is not: the restart re-reads it.
+    assert await memory_store.records.count_documents({}) == 6
+
+    assert await Runner([ListConnector("a", 10)], StoreSink(memory_store), once=True).run() is True
+    assert await memory_store.records.count_documents({}) == 10
+    for doc in await memory_store.records.find().to_list(None):
+        assert len(doc["sources"]) == 1
+    assert (await memory_store.load_state("a")) == {"s": {"done": 10}}
+
+
+async def test_one_failing_source_does_not_stop_the_others(memory_store):
+    broken, auth, good = ListConnector("broken", 10, fail_at=3), AuthFailing("auth", 1), ListConnector("good", 7)
+    runner = Runner([broken, auth, good], StoreSink(memory_store), once=True)
+    assert await runner.run() is False
+    assert runner.status["good"].last_error is None and runner.status["good"].records == 7
+    assert "ConnectionError" in runner.status["broken"].last_error
+    assert "AuthError" in runner.status["auth"].last_error
+    assert await memory_store.records.count_documents({"sources.source": "good"}) == 7
+    assert await memory_store.records.count_documents({"sources.source": "broken"}) == 3
+    assert broken.closed and good.closed
+
+
+async def test_failing_source_is_retried_with_backoff_while_others_run(memory_store):
+    class Flaky(ListConnector):
+        attempts = 0
+
+        async def batches(self, state):
+            Flaky.attempts += 1
+            if Flaky.attempts < 3:
+                raise ConnectionError("try again")
+            async for b in super().batches(state):
+                yield b
+
+    from datetime import timedelta
+
+    runner = Runner([Flaky("flaky", 4)], StoreSink(memory_store), poll_interval=timedelta(seconds=30))
+    runner._backoff = lambda failures: 0.01  # the schedule itself is tested below
+    task = asyncio.create_task(runner.run())
+    for _ in range(200):
+        if await memory_store.records.count_documents({}) == 4:
+            break
+        await asyncio.sleep(0.01)
+    runner.stop()
+    assert await asyncio.wait_for(task, 5) is True
+    assert Flaky.attempts == 3 and runner.status["flaky"].failures == 0
+
+
+def test_backoff_grows_with_jitter_and_is_capped():
+    from datetime import timedelta
+
+    runner = Runner([], DryRunSink(io.StringIO()), backoff_max=timedelta(seconds=60))
+    waits = [runner._backoff(n) for n in range(1, 12)]
+    assert 1 <= waits[0] <= 2 and 8 <= waits[3] <= 16
+    assert all(30 <= w <= 60 for w in waits[6:])
+    assert len({round(runner._backoff(5), 6) for _ in range(20)}) > 1
+
+
+async def test_stop_finishes_the_batch_in_hand_and_checkpoints_it(memory_store):
+    gate = asyncio.Event()
+    gate.set()
+
+    class SlowSink(StoreSink):
+        async def write(self, source, batch):
+            gate.clear()  # the connector waits at its next batch
+            runner.stop()  # stop arrives while this batch is in hand
+            await asyncio.sleep(0.05)
+            await super().write(source, batch)
+
+    runner = Runner([ListConnector("a", 9, gate=gate)], SlowSink(memory_store))
+    assert await asyncio.wait_for(runner.run(), 5) is True
+    assert await memory_store.records.count_documents({}) == 3
+    assert await memory_store.load_state("a") == {"s": {"done": 3}}
+
+
+async def test_dry_run_prints_json_lines_and_keeps_no_state():
+    out = io.StringIO()
+    sink = DryRunSink(out)
+    assert await Runner([ListConnector("a", 5)], sink, once=True).run() is True
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["_id"] for r in lines] == [f"a-{i}@x" for i in range(5)]
+    assert lines[0]["occurred_at"].startswith("2025-03-01T09:00:00")
+    assert await sink.load_state("a") == {}
+
+
+@pytest.mark.parametrize("n", [0, 1])
+async def test_empty_sources_finish(memory_store, n):
+    assert await Runner([ListConnector("a", n)], StoreSink(memory_store), once=True).run() is True
