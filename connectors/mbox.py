@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import mailbox
+import re
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,13 @@ from .parsing import MailParser, RawMail
 log = structlog.get_logger(__name__)
 
 
+# mboxrd quoting: a body line "From ..." is stored as ">From ...", ">From" as ">>From".
+_QUOTED_FROM = re.compile(rb"^>(>*From )", re.MULTILINE)
+
+
 def _read_chunk(box: mailbox.mbox, keys: list[Any]) -> list[bytes]:
-    return [box.get_bytes(k) for k in keys]
+    # mailbox leaves the quoting in place; undo one level so content reads as sent.
+    return [_QUOTED_FROM.sub(rb"\1", box.get_bytes(k)) for k in keys]
 
 
 class MboxConnector:

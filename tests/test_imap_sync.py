@@ -17,7 +17,7 @@ from mailgen import message
 CORPUS = Path(__import__("os").environ.get("COMMSYNC_CORPUS_DIR") or Path(__file__).resolve().parents[2] / "shared" / "corpus" / "email")
 
 
-def settings_for(dovecot, *users, **mailbox):
+def settings_for(dovecot, *users, capture=None, **mailbox):
     boxes = []
     for n, user in enumerate(users):
         box = {
@@ -32,7 +32,13 @@ def settings_for(dovecot, *users, **mailbox):
         box.update(mailbox)
         boxes.append(box)
     return settings_from_dict(
-        {"mongodb": {"uri": "memory://"}, "internal_domains": ["ourco.example"], "mailboxes": boxes, "daemon": {"parse_workers": 2}}
+        {
+            "mongodb": {"uri": "memory://"},
+            "internal_domains": ["ourco.example"],
+            "mailboxes": boxes,
+            "daemon": {"parse_workers": 2},
+            "capture": capture or {},
+        }
     )
 
 
@@ -190,15 +196,7 @@ async def test_huge_message_is_capped_not_fatal(dovecot, imap_user, memory_store
     big = message(1, attachment=b"x" * 400_000)
     dovecot.append(imap_user.name, "INBOX", big)
     dovecot.append(imap_user.name, "INBOX", message(2))
-    settings = settings_from_dict(
-        {
-            **json.loads(settings_for(dovecot, imap_user, folders=["INBOX"]).model_dump_json()),
-            "mailboxes": [
-                {**settings_for(dovecot, imap_user).mailboxes[0].model_dump(mode="json", exclude={"password"}), "password": imap_user.password, "folders": ["INBOX"]}
-            ],
-            "capture": {"max_message_bytes": 65536},
-        }
-    )
+    settings = settings_for(dovecot, imap_user, folders=["INBOX"], capture={"max_message_bytes": 65536})
     ok, _, _ = await sync(settings, memory_store)
     assert ok
     recs = {r["subject"].split(":")[0]: r for r in await memory_store.records.find().to_list(None)}
