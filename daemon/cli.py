@@ -23,29 +23,35 @@ log = structlog.get_logger(__name__)
 DEFAULT_CONFIG = "/etc/commsync/commsync.yaml"
 
 
+def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give a subcommand the -c/--config option."""
+    p.add_argument(
+        "-c", "--config", default=os.environ.get("COMMSYNC_CONFIG", DEFAULT_CONFIG), help="YAML config file (default: %(default)s)"
+    )
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="commsync", description="Capture customer email, calls and texts into MongoDB.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "-c", "--config", default=os.environ.get("COMMSYNC_CONFIG", DEFAULT_CONFIG), help="YAML config file (default: %(default)s)"
-        )
-        return p
-
+    # Each command is `handler(settings, args) -> exit code` (async), set with set_defaults.
     run = with_config(sub.add_parser("run", help="capture until stopped (SIGTERM/SIGINT)"))
+    run.set_defaults(handler=_run)
     run.add_argument("--once", action="store_true", help="one pass over every source, then exit (1 if a source failed)")
     run.add_argument("--dry-run", action="store_true", help="print records as JSON lines; write nothing (implies --once)")
 
-    with_config(sub.add_parser("check", help="validate the config, reach MongoDB, log in to every source"))
+    with_config(sub.add_parser("check", help="validate the config, reach MongoDB, log in to every source")).set_defaults(handler=_check)
 
     imp = sub.add_parser("import", help="backfill an archive")
     imp_sub = imp.add_subparsers(dest="format", required=True)
     mbox = with_config(imp_sub.add_parser("mbox", help="an mbox file (Gmail Takeout, Thunderbird)"))
     mbox.add_argument("file", type=Path)
     mbox.add_argument("--name", help="source name for checkpoints (default: mbox-FILENAME)")
+    mbox.set_defaults(handler=_import)
 
-    with_config(sub.add_parser("rebuild-history", help="recompute every customer history from the records"))
+    rebuild = with_config(sub.add_parser("rebuild-history", help="recompute every customer history from the records"))
+    rebuild.set_defaults(handler=_rebuild)
     sub.add_parser("demo", help="import a bundled sample mailbox into an in-memory store and show the histories")
     return parser
 
@@ -64,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"commsync: invalid configuration\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
-    command = {"run": _run, "check": _check, "import": _import, "rebuild-history": _rebuild}[args.command]
-    return asyncio.run(command(settings, args))
+    return asyncio.run(args.handler(settings, args))
 
 
 def _install_signals(runner: Runner) -> None:
