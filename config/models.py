@@ -17,6 +17,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from commsync.connectors.phones import region_is_known, to_e164
+
 from .secrets import check_secret, read_secret
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -71,6 +73,11 @@ class CaptureSettings(_Model):
         default=25 * 1024 * 1024,
         ge=64 * 1024,
         description="Fetch at most this much of one message; the rest is not downloaded.",
+    )
+    max_batch_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="A batch holds at most this many message bytes, so large mail cannot exhaust memory.",
     )
 
 
@@ -138,6 +145,98 @@ class MailboxConfig(_Model):
         return read_secret(self.password, self.password_file, self.password_env)
 
 
+TWILIO_BASE_URL = "https://api.twilio.com"
+
+
+class TwilioAccountConfig(_Model):
+    """One Twilio account (or subaccount) whose calls and messages are captured."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$", description="The account whose lists are read.")
+    auth_token: SecretStr | None = None
+    auth_token_file: Path | None = None
+    auth_token_env: str | None = None
+    api_key_sid: str | None = Field(default=None, pattern=r"^SK[0-9a-fA-F]{32}$", description="An API key instead of the auth token.")
+    api_key_secret: SecretStr | None = None
+    api_key_secret_file: Path | None = None
+    api_key_secret_env: str | None = None
+    channels: list[Literal["calls", "messages"]] = Field(default_factory=lambda: ["calls", "messages"], min_length=1)
+    since: date | None = Field(default=None, description="How far back the first sync reaches (default: everything).")
+    lookback: timedelta = Field(
+        default=timedelta(hours=2), description="Re-read window for items that change after they first appear (price, status, recordings)."
+    )
+    base_url: str = Field(default=TWILIO_BASE_URL, description="Twilio's API root; tests and API proxies set another.")
+    page_size: int = Field(default=500, ge=1, le=1000, description="Items per list page (one batch each); Twilio allows 1000.")
+    numbers: list[str] = Field(
+        default_factory=list,
+        description="Extra numbers of ours in E.164 (other account numbers, staff phones calls are forwarded to): never customers.",
+    )
+    poll_interval: timedelta | None = Field(default=None, description="Overrides daemon.poll_interval.")
+    timeout: timedelta = Field(default=timedelta(seconds=60), description="Network timeout of one API request.")
+
+    _dur = field_validator("lookback", "poll_interval", "timeout", mode="before")(parse_duration)
+
+    @field_validator("channels")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    @field_validator("lookback")
+    @classmethod
+    def _lookback(cls, value: timedelta) -> timedelta:
+        if value < timedelta(0) or value > timedelta(days=31):
+            raise ValueError("lookback must be between 0 and 31 days")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", value):
+            raise ValueError("base_url must be an http(s) URL such as https://api.twilio.com")
+        return value.rstrip("/")
+
+    @field_validator("numbers")
+    @classmethod
+    def _numbers(cls, value: list[str]) -> list[str]:
+        out = []
+        for raw in value:
+            number = to_e164(raw)
+            if number is None:
+                raise ValueError(f"{raw!r} is not a phone number in international form (+country code ...)")
+            out.append(number)
+        return out
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> TwilioAccountConfig:
+        token = [k for k in ("auth_token", "auth_token_file", "auth_token_env") if getattr(self, k) is not None]
+        secret = [k for k in ("api_key_secret", "api_key_secret_file", "api_key_secret_env") if getattr(self, k) is not None]
+        if self.api_key_sid is None:
+            if secret:
+                raise ValueError(f"{secret[0]} needs api_key_sid")
+            if len(token) != 1:
+                raise ValueError(
+                    "set exactly one of auth_token, auth_token_file, auth_token_env (or api_key_sid with one api_key_secret*)"
+                    + (f" (got {', '.join(token)})" if token else "")
+                )
+            check_secret(self.auth_token, self.auth_token_file, self.auth_token_env)
+        else:
+            if token:
+                raise ValueError(f"use either the auth token or an API key, not both (got api_key_sid and {token[0]})")
+            if len(secret) != 1:
+                raise ValueError(
+                    "api_key_sid needs exactly one of api_key_secret, api_key_secret_file, api_key_secret_env"
+                    + (f" (got {', '.join(secret)})" if secret else "")
+                )
+            check_secret(self.api_key_secret, self.api_key_secret_file, self.api_key_secret_env)
+        return self
+
+    def read_credentials(self) -> tuple[str, str]:
+        """(username, password) for Basic auth, read now (files are re-read so rotation works)."""
+        if self.api_key_sid is not None:
+            return self.api_key_sid, read_secret(self.api_key_secret, self.api_key_secret_file, self.api_key_secret_env)
+        return self.account_sid, read_secret(self.auth_token, self.auth_token_file, self.auth_token_env)
+
+
 class Settings(BaseSettings):
     """The whole configuration file. ``COMMSYNC_A__B`` environment variables override key a.b."""
 
@@ -155,6 +254,21 @@ class Settings(BaseSettings):
     daemon: DaemonSettings = DaemonSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     mailboxes: list[MailboxConfig] = Field(default_factory=list)
+    default_region: str | None = Field(
+        default=None,
+        description="ISO 3166 region (US, DE, ...) for phone numbers written without a country code.",
+    )
+    twilio_accounts: list[TwilioAccountConfig] = Field(default_factory=list)
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().upper()
+        if not region_is_known(value):
+            raise ValueError(f"{value!r} is not a region code phonenumbers knows (use ISO 3166 alpha-2 such as US, GB, DE)")
+        return value
 
     @field_validator("internal_domains")
     @classmethod
@@ -170,9 +284,9 @@ class Settings(BaseSettings):
             seen.add(source.name)
         return self
 
-    def sources(self) -> list[MailboxConfig]:
-        """Every configured source, in file order."""
-        return list(self.mailboxes)
+    def sources(self) -> list[MailboxConfig | TwilioAccountConfig]:
+        """Every configured source: mailboxes, then Twilio accounts, each in file order."""
+        return [*self.mailboxes, *self.twilio_accounts]
 
     @classmethod
     def settings_customise_sources(

@@ -26,6 +26,8 @@ from .parsing import MailParser, RawMail
 log = structlog.get_logger(__name__)
 
 INBOX = "INBOX"
+# UIDs per RFC822.SIZE fetch when planning batches: one short command per window.
+SIZE_WINDOW = 5000
 
 
 def tls_context(verify: bool, ca_file: Any = None) -> ssl.SSLContext:
@@ -44,11 +46,19 @@ class ImapConnector:
 
     kind = "imap"
 
-    def __init__(self, config: MailboxConfig, parser: MailParser, *, max_message_bytes: int = 25 * 1024 * 1024):
+    def __init__(
+        self,
+        config: MailboxConfig,
+        parser: MailParser,
+        *,
+        max_message_bytes: int = 25 * 1024 * 1024,
+        max_batch_bytes: int = 64 * 1024 * 1024,
+    ):
         self.config = config
         self.name = config.name
         self.parser = parser
         self.max_message_bytes = max_message_bytes
+        self.max_batch_bytes = max_batch_bytes
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"imap-{config.name}")
         self._client: imapclient.IMAPClient | None = None
         self._log = log.bind(source=self.name)
@@ -150,8 +160,7 @@ class ImapConnector:
                 yield Batch(folder, [], {"uidvalidity": uidvalidity, "last_uid": last_uid}, drop_sources=drop)
             return
 
-        size = self.config.batch_size
-        chunks = [uids[i : i + size] for i in range(0, len(uids), size)]
+        chunks = await self._chunks(client, uids)
         pending = asyncio.ensure_future(self._fetch(client, folder, uidvalidity, chunks[0]))
         try:
             for n, chunk in enumerate(chunks):
@@ -170,6 +179,31 @@ class ImapConnector:
             if pending is not None:
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)
+
+    async def _chunks(self, client: imapclient.IMAPClient, uids: list[int]) -> list[list[int]]:
+        """Split ``uids`` into fetches bounded by message count and by bytes.
+
+        A count alone is not enough: 500 messages with large attachments would
+        hold gigabytes in memory at once. Sizes come from one cheap
+        RFC822.SIZE fetch per window of UIDs.
+        """
+        count, budget = self.config.batch_size, self.max_batch_bytes
+        chunks: list[list[int]] = []
+        current: list[int] = []
+        used = 0
+        for start in range(0, len(uids), SIZE_WINDOW):
+            window = uids[start : start + SIZE_WINDOW]
+            sizes = await self._call(client.fetch, window, ["RFC822.SIZE"])
+            for uid in window:
+                size = min(int(sizes.get(uid, {}).get(b"RFC822.SIZE") or 0), self.max_message_bytes)
+                if current and (len(current) >= count or used + size > budget):
+                    chunks.append(current)
+                    current, used = [], 0
+                current.append(uid)
+                used += size
+        if current:
+            chunks.append(current)
+        return chunks
 
     async def _fetch(self, client: imapclient.IMAPClient, folder: str, uidvalidity: int, uids: list[int]) -> list[RawMail]:
         limit = self.max_message_bytes

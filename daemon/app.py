@@ -63,6 +63,7 @@ def build_connectors(settings: Settings, executor: Executor | None) -> list[Conn
             mailbox,
             mail_parser(settings, executor, mailbox.own_addresses),
             max_message_bytes=settings.capture.max_message_bytes,
+            max_batch_bytes=settings.capture.max_batch_bytes,
         )
         for mailbox in settings.mailboxes
     ]

@@ -310,3 +310,19 @@ def test_cli_check_reports_each_item(dovecot, imap_user, tmp_path, capsys):
     assert "ok    mongodb" in out
     assert "ok    imap ok" in out and "login ok" in out
     assert "FAIL  imap nope" in out and "AuthError" in out
+
+
+async def test_batches_are_bounded_by_bytes_as_well_as_count(dovecot, imap_user, memory_store):
+    sizes = [len(message(i, attachment=bytes(200_000))) for i in range(6)]
+    for i in range(6):
+        dovecot.append(imap_user.name, "INBOX", message(i, attachment=bytes(200_000)))
+    budget = 1024 * 1024
+    settings = settings_for(dovecot, imap_user, folders=["INBOX"], batch_size=500, capture={"max_batch_bytes": budget})
+    ok, _, sink = await sync(settings, memory_store)
+    assert ok
+    counts = [b[2] for b in sink.batches]
+    assert sum(counts) == 6 and len(counts) > 1
+    start = 0
+    for n in counts:
+        assert sum(sizes[start : start + n]) <= budget
+        start += n
