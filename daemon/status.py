@@ -1,0 +1,148 @@
+"""`commsync status`: every source as MongoDB knows it, readable while daemons run elsewhere."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from commsync.config import Settings
+
+from . import app
+
+COLUMNS = ("SOURCE", "KIND", "OWNER", "STATE", "LAST SUCCESS", "FAILS", "BACKLOG", "LAST ERROR")
+
+
+async def show_status(settings: Settings, args: Any) -> int:
+    """Print the status table (or JSON with --json); 1 when MongoDB cannot be read."""
+    store = app.open_store(settings)
+    try:
+        statuses, leases, instances = await store.source_overview()
+    except Exception as exc:
+        print(f"commsync: cannot read the status from MongoDB: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    now = datetime.now(UTC)
+    rows = status_rows(settings.sources(), statuses, leases, now)
+    if getattr(args, "json", False):
+        print(json.dumps({"sources": rows, "instances": _instances(instances, now)}, default=_iso, indent=2))
+    else:
+        print(render(rows, _instances(instances, now), now))
+    return 0
+
+
+def status_rows(
+    configured: Sequence[Any], statuses: Sequence[Mapping[str, Any]], leases: Sequence[Mapping[str, Any]], now: datetime
+) -> list[dict[str, Any]]:
+    """One row per source: the configured ones in file order, then any others MongoDB remembers."""
+    by_name = {s["_id"]: s for s in statuses}
+    live = {lease["_id"]: lease for lease in leases if _aware(lease.get("expires_at")) and _aware(lease["expires_at"]) > now}
+    names = [c.name for c in configured]
+    in_config = set(names)
+    names += sorted(n for n in by_name if n not in in_config)
+    rows = []
+    for name in names:
+        doc = by_name.get(name, {})
+        lease = live.get(name)
+        if lease is not None:
+            state = doc.get("state") or "starting"
+        elif doc:
+            state = "no owner"
+        else:
+            state = "never run"
+        rows.append(
+            {
+                "source": name,
+                "kind": doc.get("kind") or _kind_of(configured, name),
+                "owner": lease["owner"] if lease is not None else None,
+                "lease_expires": _aware(lease["expires_at"]) if lease is not None else None,
+                "state": state,
+                "in_config": name in in_config,
+                "last_success": _aware(doc.get("last_success")),
+                "last_batch_at": _aware(doc.get("last_batch_at")),
+                "consecutive_failures": doc.get("consecutive_failures", 0),
+                "backlog": doc.get("backlog"),
+                "last_error": doc.get("last_error"),
+                "last_error_at": _aware(doc.get("last_error_at")),
+            }
+        )
+    return rows
+
+
+def render(rows: Sequence[Mapping[str, Any]], instances: Sequence[Mapping[str, Any]], now: datetime) -> str:
+    """A plain-text table, one source per line, then the live instances."""
+    table = [COLUMNS]
+    for r in rows:
+        error = r["last_error"] or "-"
+        if r["last_error"] and r["last_error_at"]:
+            error = f"{_ago(r['last_error_at'], now)}: {error}"
+        table.append(
+            (
+                r["source"] + ("" if r["in_config"] else " (not in config)"),
+                r["kind"] or "?",
+                r["owner"] or "-",
+                r["state"],
+                _when(r["last_success"], now),
+                str(r["consecutive_failures"] or 0),
+                "?" if r["backlog"] is None else str(r["backlog"]),
+                _cut(error, 70),
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    alive = [i for i in instances if i["alive"]]
+    lines.append("")
+    lines.append(f"instances alive: {len(alive)}" + "".join(f"\n  {i['owner']} (seen {_ago(i['seen_at'], now)})" for i in alive))
+    return "\n".join(lines)
+
+
+def _instances(docs: Sequence[Mapping[str, Any]], now: datetime) -> list[dict[str, Any]]:
+    out = []
+    for d in docs:
+        expires = _aware(d.get("expires_at"))
+        out.append({"owner": d["_id"], "alive": bool(expires and expires > now), "seen_at": _aware(d.get("seen_at")), "host": d.get("host")})
+    return out
+
+
+def _kind_of(configured: Sequence[Any], name: str) -> str | None:
+    for c in configured:
+        if c.name == name:
+            return "imap" if hasattr(c, "username") else "twilio"
+    return None
+
+
+def _aware(value: Any) -> Any:
+    # Real MongoDB hands back aware datetimes (tz_aware=True); be safe with naive UTC.
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _when(value: datetime | None, now: datetime) -> str:
+    if value is None:
+        return "never"
+    return f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z ({_ago(value, now)})"
+
+
+def _ago(value: datetime | None, now: datetime) -> str:
+    if value is None:
+        return "never"
+    seconds = max(0, int((now - value).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def _cut(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _iso(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)

@@ -1,0 +1,176 @@
+"""IMAP IDLE against the real Dovecot: push latency, renewal, fallback, and a server that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+from commsync.config import settings_from_dict
+from commsync.daemon import app
+from commsync.daemon.runner import Runner, StoreSink
+from eventually import eventually
+from mailgen import message
+from tcp_proxy import TcpProxy
+
+
+def settings(dovecot, user, **mailbox):
+    box = {
+        "name": "m",
+        "host": dovecot.host,
+        "port": dovecot.port,
+        "security": "none",
+        "username": user.name,
+        "password": user.password,
+        "addresses": [f"{user.name}@ourco.example"],
+    }
+    box.update(mailbox)
+    return settings_from_dict({"mongodb": {"uri": "memory://"}, "mailboxes": [box]})
+
+
+def connector_for(dovecot, user, **mailbox):
+    (connector,) = app.build_connectors(settings(dovecot, user, **mailbox), None)
+    return connector
+
+
+async def drain(connector, state=None):
+    """One pass by hand; returns the records read."""
+    records = []
+    async for batch in connector.batches(state or {}):
+        records += batch.records
+    return records
+
+
+async def count_is(store, n):
+    return await store.records.count_documents({}) == n
+
+
+def spy_idle(connector):
+    """Count the IDLE commands the connector issues (the real method still runs)."""
+    calls = []
+    real = connector._idle_blocking
+
+    def counting(client, seconds, stop):
+        calls.append(seconds)
+        return real(client, seconds, stop)
+
+    connector._idle_blocking = counting
+    return calls
+
+
+async def test_appended_message_is_captured_through_idle(dovecot, imap_user, memory_store):
+    dovecot.append(imap_user.name, "INBOX", message(1))
+    # Ten minutes between polls: only the server's push can bring the next message in time.
+    runner = Runner(
+        app.build_connectors(settings(dovecot, imap_user), None), StoreSink(memory_store), poll_interval=timedelta(minutes=10)
+    )
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: memory_store.records.count_documents({}), what="first pass")
+        await eventually(lambda: runner.status["m"].state == "waiting")
+        sent_before = dovecot.append(imap_user.name, "Sent", message(50, sender=f"{imap_user.name}@ourco.example"))
+        started = time.monotonic()
+        await asyncio.to_thread(dovecot.append, imap_user.name, "INBOX", message(2))
+        await eventually(lambda: memory_store.records.count_documents({"subject": {"$regex": "^Order 1002"}}), timeout=30)
+        latency = time.monotonic() - started
+        # Typically ~0.5 s on loopback, Dovecot's own notification delay (tests/bench_idle.py).
+        assert latency < 5, latency
+        # The wake-up reads the main folder only; Sent waits for its poll.
+        assert await memory_store.records.count_documents({"sources.folder": "Sent"}) == 0
+        assert sent_before == 1
+        state = await memory_store.load_state("m")
+        assert state["INBOX"]["last_uid"] == 2 and state["Sent"]["last_uid"] == 0
+    finally:
+        runner.stop()
+        assert await asyncio.wait_for(task, 15) is True
+
+
+async def test_idle_is_reissued_and_still_reports_mail(dovecot, imap_user):
+    connector = connector_for(dovecot, imap_user, idle_renew="1s", folders=["INBOX"])
+    calls = spy_idle(connector)
+    try:
+        await drain(connector)
+        waiting = asyncio.create_task(connector.wait_for_change(30))
+        await eventually(lambda: len(calls) >= 3, what="IDLE re-issued")
+        assert not waiting.done()
+        dovecot.append(imap_user.name, "INBOX", message(1))
+        assert await asyncio.wait_for(waiting, 15) is True
+        assert all(seconds <= 1 for seconds in calls)
+        assert [r["subject"][:10] for r in await drain(connector)] == ["Order 1001"]
+    finally:
+        await connector.aclose()
+
+
+async def test_mail_that_arrived_before_idle_is_not_slept_through(dovecot, imap_user):
+    connector = connector_for(dovecot, imap_user, folders=["INBOX"])
+    calls = spy_idle(connector)
+    try:
+        await drain(connector)
+        dovecot.append(imap_user.name, "INBOX", message(1))
+        # Between the scan and the IDLE: UIDNEXT moved, so no IDLE at all.
+        assert await asyncio.wait_for(connector.wait_for_change(30), 10) is True
+        assert calls == []
+    finally:
+        await connector.aclose()
+
+
+async def test_idle_false_polls_only(dovecot, imap_user):
+    connector = connector_for(dovecot, imap_user, idle=False, folders=["INBOX"])
+    calls = spy_idle(connector)
+    try:
+        await drain(connector)
+        waiting = asyncio.create_task(connector.wait_for_change(0.5))
+        dovecot.append(imap_user.name, "INBOX", message(1))
+        assert await waiting is False
+        assert calls == []
+        assert len(await drain(connector, {})) == 1
+    finally:
+        await connector.aclose()
+
+
+async def test_stop_interrupts_idle_promptly(dovecot, imap_user, memory_store):
+    runner = Runner(
+        app.build_connectors(settings(dovecot, imap_user, folders=["INBOX"]), None),
+        StoreSink(memory_store),
+        poll_interval=timedelta(minutes=10),
+    )
+    task = asyncio.create_task(runner.run())
+    await eventually(lambda: runner.status["m"].state == "waiting")
+    await asyncio.sleep(0.2)  # inside IDLE now
+    runner.stop()
+    # One IDLE slice (1 s) at most, not the ten-minute poll interval.
+    assert await asyncio.wait_for(task, 10) is True
+
+
+async def test_server_going_away_and_coming_back(dovecot, imap_user, memory_store):
+    with TcpProxy(dovecot.host, dovecot.port) as proxy:
+        for i in range(2):
+            dovecot.append(imap_user.name, "INBOX", message(i))
+        runner = Runner(
+            app.build_connectors(settings(dovecot, imap_user, port=proxy.port, folders=["INBOX"]), None),
+            StoreSink(memory_store),
+            poll_interval=timedelta(minutes=10),
+            backoff_max=timedelta(seconds=1),
+        )
+        task = asyncio.create_task(runner.run())
+        try:
+            await eventually(lambda: runner.status["m"].state == "waiting" and runner.status["m"].records == 2)
+            proxy.cut()  # the IDLE connection drops and reconnecting is refused
+            dovecot.append(imap_user.name, "INBOX", message(2))
+            await eventually(lambda: runner.status["m"].failures >= 2, what="reconnects failing with backoff")
+            assert "ConnectionRefusedError" in runner.status["m"].last_error
+            assert await memory_store.records.count_documents({}) == 2
+            proxy.restore()
+            await eventually(lambda: count_is(memory_store, 3), timeout=20)
+            await eventually(lambda: runner.status["m"].failures == 0)
+            assert (await memory_store.load_state("m"))["INBOX"]["last_uid"] == 3
+            for record in await memory_store.records.find().to_list(None):
+                assert len(record["sources"]) == 1
+            # Back in IDLE on the new connection: push works again.
+            await eventually(lambda: runner.status["m"].state == "waiting")
+            dovecot.append(imap_user.name, "INBOX", message(3))
+            await eventually(lambda: count_is(memory_store, 4), timeout=20)
+            assert proxy.connections >= 2
+        finally:
+            runner.stop()
+            assert await asyncio.wait_for(task, 15) is True

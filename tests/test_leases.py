@@ -1,0 +1,195 @@
+"""Scale-out: instances share sources through lease documents in MongoDB."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+from commsync.connectors.base import Batch
+from commsync.daemon.leases import LeaseKeeper
+from commsync.daemon.runner import Runner, StoreSink
+from eventually import eventually
+from records import T0, email_record, hours
+
+TTL = timedelta(seconds=1)
+FAST = timedelta(milliseconds=50)
+
+
+class Tracker:
+    """Who syncs what, and whether two ever sync one source at once."""
+
+    def __init__(self):
+        self.active: dict[str, str] = {}
+        self.overlaps: list[tuple[str, str, str]] = []
+        self.synced: dict[str, set[str]] = {}
+
+    def enter(self, source, owner):
+        if source in self.active:
+            self.overlaps.append((source, self.active[source], owner))
+        self.active[source] = owner
+        self.synced.setdefault(owner, set()).add(source)
+
+    def leave(self, source, owner):
+        if self.active.get(source) == owner:
+            del self.active[source]
+
+
+class Endless:
+    """A source that always has two more batches, resuming after its checkpoint."""
+
+    kind = "test"
+
+    def __init__(self, name, owner, tracker):
+        self.name, self.owner, self.tracker = name, owner, tracker
+
+    async def batches(self, state):
+        done = state.get("s", {}).get("n", 0)
+        self.tracker.enter(self.name, self.owner)
+        try:
+            for i in range(done, done + 2):
+                await asyncio.sleep(0.01)  # a slow remote widens any window for overlap
+                yield Batch("s", [email_record(f"{self.name}-{i}@x", at=T0 + hours(i), source=self.name, uid=i)], {"n": i + 1})
+        finally:
+            self.tracker.leave(self.name, self.owner)
+
+    async def check(self):
+        return "ok"
+
+    async def aclose(self):
+        return None
+
+
+def instance(store, owner, tracker, n=4, ttl=TTL, max_sources=None):
+    keeper = LeaseKeeper(store, owner=owner, ttl=ttl, max_sources=max_sources)
+    runner = Runner([Endless(f"s{i}", owner, tracker) for i in range(n)], StoreSink(store), poll_interval=FAST, leases=keeper)
+    return runner, keeper
+
+
+async def leases_of(store, owner):
+    return {d["_id"] for d in await store.db["leases"].find({"owner": owner}).to_list(None)}
+
+
+async def stop_all(*pairs):
+    for runner, task in pairs:
+        runner.stop()
+    for runner, task in pairs:
+        if not task.done():
+            await asyncio.wait_for(task, 10)
+
+
+async def test_lease_documents_are_exclusive(store):
+    assert await store.acquire_lease("s", "a", TTL)
+    assert not await store.acquire_lease("s", "b", TTL)
+    assert await store.acquire_lease("s", "a", TTL)  # ours already: renewed
+    assert await store.renew_leases(["s", "other"], "a", TTL) == {"s"}
+    assert await store.free_sources(["s", "t"], "b") == {"t"}
+    assert await store.free_sources(["s", "t"], "a") == {"s", "t"}
+    # An expired lease is anyone's; once taken, the old owner cannot renew it.
+    assert await store.acquire_lease("x", "a", -TTL)
+    assert await store.free_sources(["x"], "b") == {"x"}
+    assert await store.acquire_lease("x", "b", TTL)
+    assert await store.renew_leases(["x"], "a", TTL) == set()
+    await store.release_leases(["x"], "a")  # not a's: untouched
+    assert await leases_of(store, "b") == {"x"}
+    await store.release_leases(["x"], "b")
+    assert await store.acquire_lease("x", "c", TTL)
+
+
+async def test_two_instances_split_the_sources_and_never_overlap(store):
+    tracker = Tracker()
+    (ra, ka), (rb, kb) = instance(store, "a", tracker), instance(store, "b", tracker)
+    ta, tb = asyncio.create_task(ra.run()), asyncio.create_task(rb.run())
+    try:
+        await eventually(lambda: len(ka.held) == 2 and len(kb.held) == 2, what="a 2/2 split")
+        assert set(ka.held).isdisjoint(kb.held)
+        await eventually(lambda: len(tracker.synced.get("b", ())) == 2 and len(tracker.synced.get("a", ())) >= 2)
+        assert await leases_of(store, "a") == set(ka.held) and await leases_of(store, "b") == set(kb.held)
+        assert tracker.overlaps == []
+    finally:
+        await stop_all((ra, ta), (rb, tb))
+    assert tracker.overlaps == []
+    # A clean stop gives the leases back at once.
+    assert await store.db["leases"].count_documents({}) == 0
+
+
+async def test_a_dead_instance_hands_its_sources_over_after_the_lease_time(store):
+    tracker = Tracker()
+    (ra, ka), (rb, kb) = instance(store, "a", tracker), instance(store, "b", tracker)
+    ta, tb = asyncio.create_task(ra.run()), asyncio.create_task(rb.run())
+    try:
+        await eventually(lambda: len(ka.held) == 2 and len(kb.held) == 2)
+        orphaned = set(ka.held)
+        # Die like a killed process: no release, the leases stay until they expire.
+        ta.cancel()
+        await asyncio.gather(ta, return_exceptions=True)
+        died = time.monotonic()
+        assert await leases_of(store, "a") == orphaned
+        expiry = {d["_id"]: d["expires_at"] for d in await store.db["leases"].find({"owner": "a"}).to_list(None)}
+
+        await eventually(lambda: len(kb.held) == 4, what="b takes all four")
+        handover = time.monotonic() - died
+        # Within the lease time, plus one keeper tick (a third of it) and scheduling slack.
+        assert handover < TTL.total_seconds() * 3 + 2, handover
+        for doc in await store.db["leases"].find({"_id": {"$in": list(orphaned)}}).to_list(None):
+            assert doc["owner"] == "b"
+            assert doc["acquired_at"] >= expiry[doc["_id"]]  # not one moment before a's lease ran out
+        # b resumes from a's checkpoints: no record is missing or doubled.
+        await eventually(lambda: all(s in tracker.synced["b"] for s in orphaned))
+    finally:
+        await stop_all((rb, tb))
+    assert tracker.overlaps == []
+    for source in orphaned:
+        state = await store.load_state(source)
+        assert await store.records.count_documents({"sources.source": source}) == state["s"]["n"]
+
+
+async def test_max_sources_caps_one_instance(store):
+    tracker = Tracker()
+    runner, keeper = instance(store, "a", tracker, n=5, max_sources=2)
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: len(keeper.held) == 2)
+        await eventually(lambda: len(tracker.synced.get("a", ())) == 2)
+        await asyncio.sleep(TTL.total_seconds())  # a few more keeper ticks
+        assert len(keeper.held) == 2 and tracker.synced["a"] == set(keeper.held)
+        assert {s for s, st in runner.status.items() if st.state == "waiting for lease"} == {f"s{i}" for i in range(5)} - set(keeper.held)
+    finally:
+        await stop_all((runner, task))
+
+
+async def test_a_clean_stop_hands_over_without_waiting_for_expiry(store):
+    tracker = Tracker()
+    slow = timedelta(seconds=30)
+    (ra, ka), (rb, kb) = instance(store, "a", tracker, ttl=slow), instance(store, "b", tracker, ttl=slow, max_sources=4)
+    ta = asyncio.create_task(ra.run())
+    await eventually(lambda: len(ka.held) == 4)
+    tb = asyncio.create_task(rb.run())
+    await eventually(lambda: kb.live_instances == 2)
+    ra.stop()
+    assert await asyncio.wait_for(ta, 10) is True
+    # b's next tick (a third of 30 s at most) finds them free: far less than the lease time.
+    kb._wake.set()
+    try:
+        await eventually(lambda: len(kb.held) == 4, timeout=12)
+    finally:
+        await stop_all((rb, tb))
+    assert tracker.overlaps == []
+
+
+async def test_source_status_documents_are_kept(store):
+    tracker = Tracker()
+    runner, keeper = instance(store, "a", tracker, n=2)
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: store.db["source_status"].count_documents({"last_success": {"$exists": True}}), what="status saved")
+        await eventually(lambda: _two_docs(store))
+    finally:
+        await stop_all((runner, task))
+    doc = await store.db["source_status"].find_one({"_id": "s0"})
+    assert doc["owner"] == "a" and doc["kind"] == "test" and doc["consecutive_failures"] == 0
+    assert doc["backlog"] == 0 and doc["last_success"] is not None
+
+
+async def _two_docs(store):
+    return await store.db["source_status"].count_documents({"last_success": {"$exists": True}}) == 2
