@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from commsync.connectors.phones import region_is_known, to_e164
 
+from .auth import MailboxAuth
 from .secrets import check_secret, read_secret
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -65,9 +66,31 @@ def _redact_uri(uri: str) -> str:
 
 class CustomersSettings(_Model):
     collection: str = Field(default="customers", description="The CRM's customers: {_id, name, emails, phones}.")
+    auto_create: Literal["none", "sent", "sent_and_received"] = Field(
+        default="none",
+        description="Create a customer (created_by: commsync) for external participants of sent (or all) mail that match none.",
+    )
+    keep_orphans: bool = Field(
+        default=False, description="`customers forget` keeps the records left with no customer instead of deleting them."
+    )
+
+
+class RetentionSettings(_Model):
+    days: int | None = Field(default=None, ge=1, description="Delete records older than this many days (default: keep all).")
+
+
+class RematchSettings(_Model):
+    interval: timedelta = Field(
+        default=timedelta(hours=1), description="The daemon re-links unmatched records to customers at least this often."
+    )
+
+    _dur = field_validator("interval", mode="before")(parse_duration)
 
 
 class CaptureSettings(_Model):
+    policy: Literal["all", "matched"] = Field(
+        default="all", description="matched: records that match no customer are not stored."
+    )
     max_content_chars: int = Field(default=100_000, ge=1_000, description="Longer content is cut and flagged.")
     max_message_bytes: int = Field(
         default=25 * 1024 * 1024,
@@ -81,12 +104,41 @@ class CaptureSettings(_Model):
     )
 
 
+class HttpSettings(_Model):
+    listen: str | None = Field(
+        default=None,
+        description="host:port for /healthz and /metrics, e.g. 127.0.0.1:9464 (default: off). No auth: keep it on loopback.",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:9464)")
+        return value
+
+
 class DaemonSettings(_Model):
     poll_interval: timedelta = Field(default=timedelta(minutes=1), description="Pause between passes over a source.")
     backoff_max: timedelta = Field(default=timedelta(minutes=10), description="Longest wait between retries of a failing source.")
     parse_workers: int | None = Field(default=None, ge=1, description="Processes that parse mail (default: one per core).")
+    max_sources: int | None = Field(default=None, ge=1, description="Most sources this instance works at once (default: its fair share).")
+    lease_ttl: timedelta = Field(
+        default=timedelta(seconds=60), description="A source whose instance stopped renewing its lease goes to another after this."
+    )
+    instance: str | None = Field(default=None, description="This instance's name in leases and `commsync status` (default: hostname/pid).")
+    http: HttpSettings = HttpSettings()
 
-    _dur = field_validator("poll_interval", "backoff_max", mode="before")(parse_duration)
+    _dur = field_validator("poll_interval", "backoff_max", "lease_ttl", mode="before")(parse_duration)
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _ttl(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=1):
+            raise ValueError("must be at least 1s")
+        return value
 
 
 class MailboxConfig(_Model):
@@ -100,6 +152,7 @@ class MailboxConfig(_Model):
     password: SecretStr | None = None
     password_file: Path | None = None
     password_env: str | None = None
+    auth: MailboxAuth = Field(default_factory=MailboxAuth, description="method: password (the keys above) or oauth2.")
     addresses: list[str] = Field(
         default_factory=list,
         description="The mailbox's own addresses (aliases); the username counts when it is an address.",
@@ -109,8 +162,19 @@ class MailboxConfig(_Model):
     batch_size: int = Field(default=500, ge=1, le=5000)
     poll_interval: timedelta | None = Field(default=None, description="Overrides daemon.poll_interval.")
     timeout: timedelta = Field(default=timedelta(seconds=60), description="Network timeout of one IMAP command.")
+    idle: bool | Literal["auto"] = Field(
+        default="auto", description="Wait in IMAP IDLE on the first folder for new mail: true, false, or auto (when the server offers it)."
+    )
+    idle_renew: timedelta = Field(default=timedelta(minutes=20), description="Re-issue IDLE this often (RFC 2177: under 29 minutes).")
 
-    _dur = field_validator("poll_interval", "timeout", mode="before")(parse_duration)
+    _dur = field_validator("poll_interval", "timeout", "idle_renew", mode="before")(parse_duration)
+
+    @field_validator("idle_renew")
+    @classmethod
+    def _idle_renew(cls, value: timedelta) -> timedelta:
+        if not timedelta(0) < value < timedelta(minutes=29):
+            raise ValueError("must be above 0 and under 29m (servers may end an IDLE after 30 minutes)")
+        return value
 
     @field_validator("addresses")
     @classmethod
@@ -120,11 +184,15 @@ class MailboxConfig(_Model):
     @model_validator(mode="after")
     def _one_password(self) -> MailboxConfig:
         given = [k for k in ("password", "password_file", "password_env") if getattr(self, k) is not None]
-        if len(given) != 1:
+        if self.auth.method == "oauth2":
+            if given:
+                raise ValueError(f"{', '.join(given)}: not used with auth.method oauth2 (remove it)")
+        elif len(given) != 1:
             raise ValueError(
                 "set exactly one of password, password_file, password_env" + (f" (got {', '.join(given)})" if given else "")
             )
-        check_secret(self.password, self.password_file, self.password_env)
+        else:
+            check_secret(self.password, self.password_file, self.password_env)
         if self.ca_file is not None and not self.ca_file.is_file():
             raise ValueError(f"ca_file {self.ca_file} does not exist")
         return self
@@ -259,6 +327,35 @@ class Settings(BaseSettings):
         description="ISO 3166 region (US, DE, ...) for phone numbers written without a country code.",
     )
     twilio_accounts: list[TwilioAccountConfig] = Field(default_factory=list)
+    blocklist: list[str] = Field(
+        default_factory=list, description="Addresses, @domains (and their subdomains) and phone numbers never captured."
+    )
+    capture_automated: bool = Field(
+        default=False, description="Also capture automated mail (Auto-Submitted, List-Id, Precedence: bulk, List-Unsubscribe)."
+    )
+    retention: RetentionSettings = RetentionSettings()
+    rematch: RematchSettings = RematchSettings()
+
+    @field_validator("capture", mode="before")
+    @classmethod
+    def _capture_shorthand(cls, value: Any) -> Any:
+        # `capture: matched` (as a bare word) means `capture: {policy: matched}`.
+        return {"policy": value} if isinstance(value, str) else value
+
+    @field_validator("blocklist")
+    @classmethod
+    def _blocklist(cls, value: list[str]) -> list[str]:
+        out = []
+        for entry in value:
+            entry = entry.strip().lower()
+            local, at, domain = entry.rpartition("@")
+            if at and "." in domain and " " not in entry:
+                out.append(entry)
+            elif not at and sum(c.isdigit() for c in entry) >= 5 and re.fullmatch(r"[\d\s()+./-]+", entry):
+                out.append(entry)
+            else:
+                raise ValueError(f"{entry!r} is neither an address, an @domain nor a phone number")
+        return out
 
     @field_validator("default_region")
     @classmethod

@@ -8,6 +8,7 @@ systemd's ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``) when it is set.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -47,3 +48,42 @@ def read_secret(inline: SecretStr | None, file: Path | None, env: str | None) ->
 def check_secret(inline: SecretStr | None, file: Path | None, env: str | None) -> None:
     """Fail now, at load time, if the secret could not be read later."""
     read_secret(inline, file, env)
+
+
+
+def state_path(path: Path) -> Path:
+    """Resolve a relative file the daemon writes (a refresh token) against ``$STATE_DIRECTORY``.
+
+    Not ``$CREDENTIALS_DIRECTORY``: that one is read-only, and a provider that
+    rotates refresh tokens needs the new one saved.
+    """
+    state = os.environ.get("STATE_DIRECTORY")
+    if not path.is_absolute() and state:
+        # systemd may list several directories, separated by colons.
+        return Path(state.split(":")[0]) / path
+    return path
+
+
+def write_secret_file(path: Path, value: str) -> None:
+    """Replace ``path`` atomically with ``value``, readable by the owner only (0600).
+
+    The new content goes to a temporary file in the same directory (created
+    0600), is flushed to disk and renamed over the old one: a crash leaves the
+    old secret or the new one, never half of either, and no reader ever sees
+    the file with looser permissions.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(value + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import threading
+import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -21,6 +23,7 @@ from imapclient.exceptions import LoginError
 from commsync.config.models import MailboxConfig
 
 from .base import AuthError, Batch
+from .oauth import imap_refusal, token_provider
 from .parsing import MailParser, RawMail
 
 log = structlog.get_logger(__name__)
@@ -28,6 +31,8 @@ log = structlog.get_logger(__name__)
 INBOX = "INBOX"
 # UIDs per RFC822.SIZE fetch when planning batches: one short command per window.
 SIZE_WINDOW = 5000
+# An IDLE waits in slices this long, so a stop is honoured within one.
+IDLE_SLICE_S = 1.0
 
 
 def tls_context(verify: bool, ca_file: Any = None) -> ssl.SSLContext:
@@ -62,13 +67,23 @@ class ImapConnector:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"imap-{config.name}")
         self._client: imapclient.IMAPClient | None = None
         self._log = log.bind(source=self.name)
+        # OAuth2 mailboxes log in with a bearer token (SASL XOAUTH2); None: password.
+        self._tokens = token_provider(config)
+        # Messages found in the folder being read but not yet handed out (for status).
+        self.backlog: int | None = None
+        # (UIDVALIDITY, next UID) of each folder as of its last scan: IDLE starts
+        # only if nothing arrived since, or it would sleep through that mail.
+        self._scanned: dict[str, tuple[int, int]] = {}
+        # Folders the next pass reads when IDLE woke us (None: all of them).
+        self._wake: list[str] | None = None
+        self._idle_warned = False
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args, **kwargs))
 
     # -- connection ------------------------------------------------------------
 
-    def _connect_blocking(self) -> imapclient.IMAPClient:
+    def _connect_blocking(self, fresh_token: bool = False) -> imapclient.IMAPClient:
         cfg = self.config
         context = tls_context(cfg.tls_verify, cfg.ca_file)
         timeout = cfg.timeout.total_seconds()
@@ -78,9 +93,16 @@ class ImapConnector:
         try:
             if cfg.security == "starttls":
                 client.starttls(context)
-            client.login(cfg.username, cfg.read_password())
+            self._login(client, fresh_token)
         except LoginError as exc:
             _quiet_close(client)
+            if self._tokens is not None and not fresh_token:
+                # A cached token can be revoked or expire early: one more try, on a
+                # new connection (servers differ in what follows a failed AUTHENTICATE).
+                self._log.info("oauth_token_refused", retry="with a fresh token")
+                return self._connect_blocking(fresh_token=True)
+            if self._tokens is not None:
+                raise AuthError(f"{imap_refusal(cfg.auth.provider or '', cfg.username)} (server said: {_text(exc)})") from None
             raise AuthError(f"login refused for {cfg.username}: {_text(exc)}") from None
         except BaseException:
             _quiet_close(client)
@@ -88,6 +110,13 @@ class ImapConnector:
         # Keep INTERNALDATE's own offset instead of converting to local naive time.
         client.normalise_times = False
         return client
+
+    def _login(self, client: imapclient.IMAPClient, fresh_token: bool) -> None:
+        cfg = self.config
+        if self._tokens is None:
+            client.login(cfg.username, cfg.read_password())
+        else:
+            client.oauth2_login(cfg.username, self._tokens.token(force_refresh=fresh_token))
 
     async def _connected(self) -> imapclient.IMAPClient:
         if self._client is not None:
@@ -114,6 +143,18 @@ class ImapConnector:
         folders = await self._folders(client)
         return f"login ok; folders: {', '.join(folders)}"
 
+    def check_steps(self) -> list[tuple[str, Any]]:
+        """`commsync check`'s items for this mailbox: (label, async fn -> summary), in order."""
+        if self._tokens is None:
+            return [("", self.check)]
+        return [("token", self._check_token), ("login", self.check)]
+
+    async def _check_token(self) -> str:
+        tokens = self._tokens
+        assert tokens is not None
+        await self._call(tokens.token)
+        return f"token obtained via {tokens.label}"
+
     async def _folders(self, client: imapclient.IMAPClient) -> list[str]:
         if self.config.folders is not None:
             return list(self.config.folders)
@@ -129,7 +170,12 @@ class ImapConnector:
         """Every message newer than ``state``, folder by folder, a batch at a time."""
         try:
             client = await self._connected()
-            for folder in await self._folders(client):
+            folders = await self._folders(client)
+            wake, self._wake = self._wake, None
+            if wake:
+                # IDLE reported mail in the main folder; the others wait for their poll.
+                folders = [f for f in folders if f in wake] or folders
+            for folder in folders:
                 async for batch in self._folder_batches(client, folder, state.get(folder)):
                     yield batch
         except BaseException:
@@ -155,6 +201,8 @@ class ImapConnector:
         # "n:*" always matches the highest UID, even below n.
         uids = sorted(u for u in await self._call(client.search, criteria) if u > last_uid)
         self._log.info("folder_scan", folder=folder, uidvalidity=uidvalidity, after_uid=last_uid, new=len(uids))
+        self._scanned[folder] = (uidvalidity, max(int(info.get(b"UIDNEXT") or 0), uids[-1] + 1 if uids else 0))
+        self.backlog = len(uids)
         if not uids:
             if reset or checkpoint is None:
                 yield Batch(folder, [], {"uidvalidity": uidvalidity, "last_uid": last_uid}, drop_sources=drop)
@@ -168,6 +216,7 @@ class ImapConnector:
                 # Fetch the next chunk while this one is parsed and stored.
                 pending = asyncio.ensure_future(self._fetch(client, folder, uidvalidity, chunks[n + 1])) if n + 1 < len(chunks) else None
                 records, skipped = await self._normalize(raw, len(chunk), folder)
+                self.backlog = sum(len(c) for c in chunks[n + 1 :])
                 yield Batch(
                     folder,
                     records,
@@ -179,6 +228,88 @@ class ImapConnector:
             if pending is not None:
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)
+
+    # -- push: IMAP IDLE (RFC 2177) -----------------------------------------------------
+
+    @property
+    def idle_folder(self) -> str:
+        """The folder IDLE watches: the first one configured, INBOX by default."""
+        return (self.config.folders or [INBOX])[0]
+
+    async def wait_for_change(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for new mail in the main folder; True when some came.
+
+        With IDLE (``idle: true``, or ``auto`` when the server offers it) the
+        server reports new mail and this returns at once; the next pass then
+        reads only that folder. Without IDLE it is a plain sleep. A connection
+        that drops meanwhile counts as a change: the next pass reconnects
+        (the runner backs off if it cannot) and resumes from the checkpoint.
+        """
+        self._wake = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self.config.idle is False:
+            await asyncio.sleep(timeout)
+            return False
+        try:
+            client = await self._connected()
+            if not await self._idle_offered(client):
+                await asyncio.sleep(max(0.0, deadline - loop.time()))
+                return False
+            folder = self.idle_folder
+            info = await self._call(client.select_folder, folder, readonly=True)
+            seen = self._scanned.get(folder)
+            if seen is None or seen[0] != int(info[b"UIDVALIDITY"]) or int(info.get(b"UIDNEXT") or 0) > seen[1]:
+                # Mail arrived between the scan and now.
+                self._wake = [folder]
+                return True
+            renew = self.config.idle_renew.total_seconds()
+            while (left := deadline - loop.time()) > 0:
+                stop = threading.Event()
+                try:
+                    changed = await self._call(self._idle_blocking, client, min(left, renew), stop)
+                except asyncio.CancelledError:
+                    stop.set()  # the thread leaves IDLE within a slice; later calls queue behind it
+                    raise
+                if changed:
+                    self._log.debug("idle_new_mail", folder=folder)
+                    self._wake = [folder]
+                    return True
+                if deadline - loop.time() > 0:
+                    self._log.debug("idle_renewed", folder=folder)
+            return False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._log.warning("imap_connection_lost", error=f"{type(exc).__name__}: {_text(exc)}"[:300])
+            await self._drop()
+            return True
+
+    async def _idle_offered(self, client: imapclient.IMAPClient) -> bool:
+        offered = bool(await self._call(client.has_capability, "IDLE"))
+        if not offered and self.config.idle is True and not self._idle_warned:
+            self._idle_warned = True
+            self._log.warning("idle_unsupported", detail="the server does not offer IDLE; polling instead")
+        return offered
+
+    def _idle_blocking(self, client: imapclient.IMAPClient, seconds: float, stop: threading.Event) -> bool:
+        """One IDLE command of at most ``seconds`` (in the connector's thread); True on new mail."""
+        client.idle()
+        end = time.monotonic() + seconds
+        changed = False
+        while not changed and not stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            step = min(left, IDLE_SLICE_S)
+            started = time.monotonic()
+            responses = client.idle_check(step)
+            changed = any(_is_new_mail(r) for r in responses)
+            if not responses and time.monotonic() - started < step / 2:
+                # Readable but nothing to parse: most likely the server hung up; DONE tells.
+                break
+        _, responses = client.idle_done()
+        return changed or any(_is_new_mail(r) for r in responses)
 
     async def _chunks(self, client: imapclient.IMAPClient, uids: list[int]) -> list[list[int]]:
         """Split ``uids`` into fetches bounded by message count and by bytes.
@@ -208,7 +339,10 @@ class ImapConnector:
     async def _fetch(self, client: imapclient.IMAPClient, folder: str, uidvalidity: int, uids: list[int]) -> list[RawMail]:
         limit = self.max_message_bytes
         # A partial fetch caps what one huge message costs; small ones arrive whole.
-        response = await self._call(client.fetch, uids, [f"BODY.PEEK[]<0.{limit}>", "INTERNALDATE", "RFC822.SIZE"])
+        items = [f"BODY.PEEK[]<0.{limit}>", "INTERNALDATE", "RFC822.SIZE"]
+        # Gmail shows one message in several folders (its labels); X-GM-MSGID names it across them.
+        gmail = await self._call(client.has_capability, "X-GM-EXT-1")
+        response = await self._call(client.fetch, uids, items + ["X-GM-MSGID"] if gmail else items)
         out = []
         for uid in uids:
             data = response.get(uid)
@@ -218,12 +352,16 @@ class ImapConnector:
                 self._log.info("message_vanished", folder=folder, uid=uid)
                 continue
             size = int(data.get(b"RFC822.SIZE") or len(body))
+            source = {"kind": "imap", "source": self.name, "folder": folder, "uidvalidity": uidvalidity, "uid": uid}
+            if data.get(b"X-GM-MSGID") is not None:
+                # A string: the id is an unsigned 64-bit number, beyond BSON's int64.
+                source["gmail_msgid"] = str(data[b"X-GM-MSGID"])
             out.append(
                 RawMail(
                     raw=body,
                     received_at=_utc(data.get(b"INTERNALDATE")),
                     truncated=size > len(body),
-                    source={"kind": "imap", "source": self.name, "folder": folder, "uidvalidity": uidvalidity, "uid": uid},
+                    source=source,
                 )
             )
         return out
@@ -238,6 +376,11 @@ class ImapConnector:
             else:
                 records.append(record)
         return records, skipped
+
+
+def _is_new_mail(response: Any) -> bool:
+    # "* 12 EXISTS" arrives as (12, b"EXISTS"); EXPUNGE, FETCH (flags) and "OK Still here" are not new mail.
+    return isinstance(response, tuple) and len(response) >= 2 and response[1] == b"EXISTS"
 
 
 def _body(data: Mapping[bytes, Any]) -> bytes | None:

@@ -45,8 +45,12 @@ _ADDRESS_ROLES = {
     "cc": "cc",
     "bcc": "bcc",
 }
+# Headers that mark mail a machine sent (RFC 3834 auto-replies, RFC 2919 lists,
+# bulk senders, RFC 2369/8058 newsletters); see `_automated_by`.
+_AUTOMATION_HEADERS = ("auto-submitted", "list-id", "precedence", "list-unsubscribe")
+_BULK_PRECEDENCE = frozenset({"bulk", "list", "junk", "auto_reply"})
 _WANTED_HEADERS = frozenset(
-    {*_ADDRESS_ROLES, "subject", "date", "message-id", "in-reply-to", "references"}
+    {*_ADDRESS_ROLES, "subject", "date", "message-id", "in-reply-to", "references", *_AUTOMATION_HEADERS}
 )
 
 _ENCODED_WORD = re.compile(r"=\?([^?\s]*)\?([qQbB])\?(.*?)\?=")
@@ -210,6 +214,7 @@ def _normalize(
     references = extract_ids(" ".join(_all(headers, "references", hint)))
 
     record_id = message_id or _fallback_id(participants, date_text, subject, body.hash_text)
+    automated_by = _automated_by(headers, hint)
     sender = next((p for p in participants if p["role"] == "from"), None)
     _collect_parser_defects(body.visited, defects)
 
@@ -229,7 +234,24 @@ def _normalize(
         "attachments": body.attachments,
         "size": len(raw),
         "parse_defects": list(defects.items),
+        "automated": bool(automated_by),
+        "automated_by": automated_by,
     }
+
+
+def _automated_by(headers: dict[str, list[str]], hint: str | None) -> list[str]:
+    """The automation headers that mark this message as sent by a machine, in a fixed order."""
+    found = []
+    auto = (_first(headers, "auto-submitted", hint) or "").split(";")[0].strip().lower()
+    if auto and auto != "no":
+        found.append("auto-submitted")
+    if (_first(headers, "list-id", hint) or "").strip():
+        found.append("list-id")
+    if (_first(headers, "precedence", hint) or "").strip().lower() in _BULK_PRECEDENCE:
+        found.append("precedence")
+    if (_first(headers, "list-unsubscribe", hint) or "").strip():
+        found.append("list-unsubscribe")
+    return found
 
 
 def _minimal_record(
@@ -253,6 +275,8 @@ def _minimal_record(
         "attachments": [],
         "size": len(raw),
         "parse_defects": list(defects.items),
+        "automated": False,
+        "automated_by": [],
     }
 
 

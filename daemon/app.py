@@ -12,19 +12,24 @@ from commsync.config.models import Settings
 from commsync.connectors.base import Connector
 from commsync.connectors.imap import ImapConnector
 from commsync.connectors.parsing import MailOptions, MailParser
+from commsync.connectors.twilio import TwilioConnector
 
+from .policy import from_settings as capture_policy
 from .store import Store
 
 
 def open_store(settings: Settings) -> Store:
     """The configured store (not yet contacted)."""
     m = settings.mongodb
-    return Store.connect(
+    store = Store.connect(
         m.uri,
         m.database,
         customers=settings.customers.collection,
         timeout_ms=int(m.server_selection_timeout.total_seconds() * 1000),
+        default_region=settings.default_region,
     )
+    store.capture = capture_policy(settings)
+    return store
 
 
 def parse_workers(settings: Settings) -> int:
@@ -57,8 +62,8 @@ def all_own_addresses(settings: Settings) -> frozenset[str]:
 
 
 def build_connectors(settings: Settings, executor: Executor | None) -> list[Connector]:
-    """One connector per configured source."""
-    return [
+    """One connector per configured source: mailboxes, then Twilio accounts."""
+    connectors: list[Connector] = [
         ImapConnector(
             mailbox,
             mail_parser(settings, executor, mailbox.own_addresses),
@@ -67,3 +72,8 @@ def build_connectors(settings: Settings, executor: Executor | None) -> list[Conn
         )
         for mailbox in settings.mailboxes
     ]
+    connectors += [
+        TwilioConnector(account, default_region=settings.default_region, max_content_chars=settings.capture.max_content_chars)
+        for account in settings.twilio_accounts
+    ]
+    return connectors

@@ -15,7 +15,9 @@ import structlog
 from commsync.config import ConfigError, Settings, load_settings
 from commsync.connectors.mbox import MboxConnector
 
-from . import app, logs
+from . import app, auth_cli, logs
+from . import admin_cli
+from . import service, status
 from .runner import DryRunSink, Runner, StoreSink
 
 log = structlog.get_logger(__name__)
@@ -52,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
 
     rebuild = with_config(sub.add_parser("rebuild-history", help="recompute every customer history from the records"))
     rebuild.set_defaults(handler=_rebuild)
+    st = with_config(sub.add_parser("status", help="every source from MongoDB: owner, last success, last error, backlog"))
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(handler=status.show_status)
+    admin_cli.register(sub, with_config)
+
+    auth = sub.add_parser("auth", help="OAuth2 sign-in for mailboxes that use a refresh token")
+    auth_sub = auth.add_subparsers(dest="auth_command", required=True)
+    auth_login = with_config(auth_sub.add_parser("login", help="sign in (device code or browser) and save the mailbox's refresh token"))
+    auth_login.add_argument("name", help="the mailbox's name in the config")
+    auth_login.set_defaults(handler=auth_cli.login_command)
     sub.add_parser("demo", help="import a bundled sample mailbox into an in-memory store and show the histories")
     return parser
 
@@ -81,8 +93,11 @@ def _install_signals(runner: Runner) -> None:
 
 async def _run(settings: Settings, args: Any) -> int:
     if not settings.sources():
-        print("commsync: the config lists no sources (mailboxes)", file=sys.stderr)
+        print("commsync: the config lists no sources (mailboxes, twilio_accounts)", file=sys.stderr)
         return 2
+    if not (args.once or args.dry_run):
+        # The long-running service: sd_notify, watchdog, SIGHUP reload, leases, HTTP, upkeep.
+        return await service.serve(settings, args.config)
     dry = args.dry_run
     with app.parse_pool(settings) as pool:
         connectors = app.build_connectors(settings, pool)
@@ -92,14 +107,14 @@ async def _run(settings: Settings, args: Any) -> int:
         else:
             store = app.open_store(settings)
             await store.ping()
-            await store.ensure_indexes()
+            await store.init_db()
             sink = StoreSink(store)
         runner = Runner(
             connectors,
             sink,
             once=args.once or dry,
             poll_interval=settings.daemon.poll_interval,
-            intervals={m.name: m.poll_interval for m in settings.mailboxes if m.poll_interval},
+            intervals={s.name: s.poll_interval for s in settings.sources() if s.poll_interval},
             backoff_max=settings.daemon.backoff_max,
         )
         _install_signals(runner)
@@ -129,10 +144,16 @@ async def _check(settings: Settings, args: Any) -> int:
     finally:
         store.close()
     for connector in app.build_connectors(settings, None):
+        # A connector may check in steps (an OAuth2 mailbox: token, then login), one line each.
+        steps = connector.check_steps() if hasattr(connector, "check_steps") else [("", connector.check)]
         try:
-            line(True, f"{connector.kind} {connector.name}", await connector.check())
-        except Exception as exc:
-            line(False, f"{connector.kind} {connector.name}", f"{type(exc).__name__}: {exc}"[:300])
+            for step, run in steps:
+                what = f"{connector.kind} {connector.name}" + (f" {step}" if step else "")
+                try:
+                    line(True, what, await run())
+                except Exception as exc:
+                    line(False, what, f"{type(exc).__name__}: {exc}"[:600])
+                    break
         finally:
             await connector.aclose()
     return 1 if failed else 0

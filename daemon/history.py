@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from .schema import SCHEMA_VERSION
+
 
 def pipeline(customer_ids: Sequence[Any] | None) -> list[dict[str, Any]]:
     """Group the records of ``customer_ids`` (all customers when None) by customer and channel.
@@ -71,4 +73,5 @@ def _document(customer_id: Any, groups: list[Mapping[str, Any]], now: datetime) 
         "outbound": sum(g["outbound"] for g in groups),
         "channels": channels,
         "updated_at": now,
+        "schema_version": SCHEMA_VERSION,
     }

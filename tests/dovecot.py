@@ -15,6 +15,9 @@ directory and runs ``dovecot -F -c <conf>`` as a child process.  Nothing under
 * no login throttling: ``auth_failure_delay = 0`` and the anvil auth penalty
   is disabled, so a wrong-password test doesn't slow down later logins
   (a failed login still takes ~0.5 s);
+* opt-in ``oauth2_introspection_url``: SASL XOAUTH2/OAUTHBEARER logins too,
+  each token checked by POSTing it to that URL (an ``oauth2`` passdb before
+  the passwd-file one; the introspected ``username`` must be the login name);
 * mail is stored as Maildir under ``tmpdir/mail/<user>``; the namespace has
   SPECIAL-USE folders Sent, Drafts, Trash and Archive (all auto=subscribe) and
   uses "/" as hierarchy separator.
@@ -121,7 +124,7 @@ ssl_cert = <{cert_file}
 ssl_key = <{key_file}
 ssl_min_protocol = TLSv1.2
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = {auth_mechanisms}
 # Tests log in with wrong passwords on purpose: no failure delay, and no
 # anvil auth penalty (which would slow down every later login from
 # 127.0.0.1); the penalty is disabled via the anvil-auth-penalty listener.
@@ -134,7 +137,7 @@ mailbox_idle_check_interval = 1 secs
 
 # One passwd-file per user: dovecot re-checks a passwd-file at most once a
 # second, so a shared file would miss users added in quick succession.
-passdb {{
+{oauth2_passdb}passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {passwd_dir}/%u
 }}
@@ -234,8 +237,12 @@ class DovecotServer:
 
     host = "127.0.0.1"
 
-    def __init__(self, binary: str = DOVECOT_BIN, keep_tmpdir: bool | None = None):
+    def __init__(self, binary: str = DOVECOT_BIN, keep_tmpdir: bool | None = None,
+                 oauth2_introspection_url: str | None = None):
         self.binary = binary
+        # Opt-in: also accept SASL XOAUTH2/OAUTHBEARER, with tokens checked
+        # against this introspection URL (RFC 7662, POST token=...).
+        self.oauth2_introspection_url = oauth2_introspection_url
         if keep_tmpdir is None:
             keep_tmpdir = bool(os.environ.get("COMMSYNC_KEEP_DOVECOT"))
         self.keep_tmpdir = keep_tmpdir
@@ -344,6 +351,8 @@ class DovecotServer:
             key_file=os.path.join(tmp, "tls", "server.key"),
             passwd_dir=self.passwd_dir,
             special_use_mailboxes=special,
+            auth_mechanisms="plain login xoauth2 oauthbearer" if self.oauth2_introspection_url else "plain login",
+            oauth2_passdb=self._oauth2_passdb(),
             port=self.port,
             tls_port=self.tls_port,
         )
@@ -358,6 +367,30 @@ class DovecotServer:
                 start_new_session=True,
             )
         self.wait_ready(timeout)
+
+    def _oauth2_passdb(self) -> str:
+        """The oauth2 passdb block (and its args file), or "" when not opted in."""
+        if not self.oauth2_introspection_url:
+            return ""
+        assert self.tmpdir is not None
+        args = os.path.join(self.tmpdir, "dovecot-oauth2.conf.ext")
+        with open(args, "w") as f:
+            f.write(
+                "introspection_mode = post\n"
+                f"introspection_url = {self.oauth2_introspection_url}\n"
+                "force_introspection = yes\n"
+                # The token must belong to the user logging in.
+                "username_attribute = username\n"
+                "active_attribute = active\n"
+                "active_value = true\n"
+            )
+        return (
+            "passdb {\n"
+            "  driver = oauth2\n"
+            "  mechanisms = xoauth2 oauthbearer\n"
+            f"  args = {args}\n"
+            "}\n"
+        )
 
     def _make_certs(self) -> None:
         assert self.tmpdir is not None

@@ -28,6 +28,8 @@ RECORD_KEYS = {
     "attachments",
     "size",
     "parse_defects",
+    "automated",
+    "automated_by",
 }
 
 OWN = frozenset({"Sales@OurCo.example"})
