@@ -141,6 +141,22 @@ class DaemonSettings(_Model):
         return value
 
 
+def _given(model: BaseModel, key: str) -> list[str]:
+    """Which of ``key``, ``key_file``, ``key_env`` are set."""
+    return [k for k in (key, f"{key}_file", f"{key}_env") if getattr(model, k) is not None]
+
+
+def _require_one_secret(model: BaseModel, key: str, *, prefix: str = "", alternative: str = "") -> None:
+    """Exactly one way of giving secret ``key``, and it must be readable now."""
+    given = _given(model, key)
+    if len(given) != 1:
+        raise ValueError(
+            f"{prefix or 'set '}exactly one of {key}, {key}_file, {key}_env{alternative}"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
+    check_secret(getattr(model, key), getattr(model, f"{key}_file"), getattr(model, f"{key}_env"))
+
+
 class MailboxConfig(_Model):
     name: str = Field(pattern=NAME_PATTERN)
     host: str = Field(min_length=1)
@@ -183,16 +199,12 @@ class MailboxConfig(_Model):
 
     @model_validator(mode="after")
     def _one_password(self) -> MailboxConfig:
-        given = [k for k in ("password", "password_file", "password_env") if getattr(self, k) is not None]
+        given = _given(self, "password")
         if self.auth.method == "oauth2":
             if given:
                 raise ValueError(f"{', '.join(given)}: not used with auth.method oauth2 (remove it)")
-        elif len(given) != 1:
-            raise ValueError(
-                "set exactly one of password, password_file, password_env" + (f" (got {', '.join(given)})" if given else "")
-            )
         else:
-            check_secret(self.password, self.password_file, self.password_env)
+            _require_one_secret(self, "password")
         if self.ca_file is not None and not self.ca_file.is_file():
             raise ValueError(f"ca_file {self.ca_file} does not exist")
         return self
@@ -276,26 +288,15 @@ class TwilioAccountConfig(_Model):
 
     @model_validator(mode="after")
     def _one_credential(self) -> TwilioAccountConfig:
-        token = [k for k in ("auth_token", "auth_token_file", "auth_token_env") if getattr(self, k) is not None]
-        secret = [k for k in ("api_key_secret", "api_key_secret_file", "api_key_secret_env") if getattr(self, k) is not None]
+        token, secret = _given(self, "auth_token"), _given(self, "api_key_secret")
         if self.api_key_sid is None:
             if secret:
                 raise ValueError(f"{secret[0]} needs api_key_sid")
-            if len(token) != 1:
-                raise ValueError(
-                    "set exactly one of auth_token, auth_token_file, auth_token_env (or api_key_sid with one api_key_secret*)"
-                    + (f" (got {', '.join(token)})" if token else "")
-                )
-            check_secret(self.auth_token, self.auth_token_file, self.auth_token_env)
+            _require_one_secret(self, "auth_token", alternative=" (or api_key_sid with one api_key_secret*)")
         else:
             if token:
                 raise ValueError(f"use either the auth token or an API key, not both (got api_key_sid and {token[0]})")
-            if len(secret) != 1:
-                raise ValueError(
-                    "api_key_sid needs exactly one of api_key_secret, api_key_secret_file, api_key_secret_env"
-                    + (f" (got {', '.join(secret)})" if secret else "")
-                )
-            check_secret(self.api_key_secret, self.api_key_secret_file, self.api_key_secret_env)
+            _require_one_secret(self, "api_key_secret", prefix="api_key_sid needs ")
         return self
 
     def read_credentials(self) -> tuple[str, str]:
