@@ -34,7 +34,7 @@ async def measure(server: DovecotServer, count: int) -> list[tuple[float, float]
         {
             "mongodb": {"uri": "memory://"},
             "mailboxes": [
-                {"name": "m", "host": server.host, "port": server.port, "security": "none", "username": user.name, "password": user.password, "folders": ["INBOX"]}
+                server.mailbox(user, folders=["INBOX"])
             ],
         }
     )

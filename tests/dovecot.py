@@ -513,6 +513,27 @@ class DovecotServer:
         self.add_user(name, password)
         return ImapUser(name, password)
 
+    # ------------------------------------------------------------------ config
+    def mailbox(self, user: ImapUser, **overrides) -> dict:
+        """The commsync ``mailboxes:`` entry for ``user`` on the plain port.
+
+        ``name`` defaults to "m"; ``overrides`` are merged in last (e.g.
+        ``folders=[...]``, or ``host``/``port`` of a proxy in front of this
+        server).  An override of ``None`` removes that key, e.g.
+        ``password=None, password_env="PW"`` or ``password=None`` with an
+        oauth2 ``auth``.
+        """
+        box = {
+            "name": "m",
+            "host": self.host,
+            "port": self.port,
+            "security": "none",
+            "username": user.name,
+            "password": user.password,
+        }
+        box.update(overrides)
+        return {k: v for k, v in box.items() if v is not None}
+
     # ------------------------------------------------------------------ IMAP
     def client(self, user: str, password: str | None = None, *,
                timeout: float = 10.0) -> IMAPClient:

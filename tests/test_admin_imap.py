@@ -16,16 +16,7 @@ CORPUS_FILES = sorted(CORPUS.glob("*.eml")) if CORPUS.is_dir() else []
 
 def settings_for(dovecot, *users, folders=("INBOX",), **extra):
     boxes = [
-        {
-            "name": f"box-{user.name}",
-            "host": dovecot.host,
-            "port": dovecot.port,
-            "security": "none",
-            "username": user.name,
-            "password": user.password,
-            "addresses": [f"{user.name}@ourco.example"],
-            "folders": list(folders),
-        }
+        dovecot.mailbox(user, name=f"box-{user.name}", addresses=[f"{user.name}@ourco.example"], folders=list(folders))
         for user in users
     ]
     return settings_from_dict(

@@ -21,17 +21,7 @@ def test_sigterm_stops_the_daemon_with_exit_0(dovecot, imap_user, tmp_path):
             {
                 "mongodb": {"uri": "memory://"},
                 "daemon": {"poll_interval": "1s", "parse_workers": 1},
-                "mailboxes": [
-                    {
-                        "name": "m",
-                        "host": dovecot.host,
-                        "port": dovecot.port,
-                        "security": "none",
-                        "username": imap_user.name,
-                        "password_env": "TEST_IMAP_PASSWORD",
-                        "folders": ["INBOX"],
-                    }
-                ],
+                "mailboxes": [dovecot.mailbox(imap_user, password=None, password_env="TEST_IMAP_PASSWORD", folders=["INBOX"])],
             }
         )
     )

@@ -21,13 +21,12 @@ def gmail(dovecot):
         yield proxy
 
 
-def mailbox(host, port, user, folders):
+def settings_for(dovecot, user, folders, **box):
+    """Settings for one mailbox "gmail": ``host``/``port`` of a proxy, else Dovecot itself."""
     return settings_from_dict(
         {
             "mongodb": {"uri": "memory://"},
-            "mailboxes": [
-                {"name": "gmail", "host": host, "port": port, "security": "none", "username": user.name, "password": user.password, "folders": folders}
-            ],
+            "mailboxes": [dovecot.mailbox(user, name="gmail", folders=folders, **box)],
             "daemon": {"parse_workers": 1},
         }
     )
@@ -38,7 +37,7 @@ async def test_labels_are_one_record_with_the_gmail_msgid_in_each_source(dovecot
     dovecot.append(imap_user.name, "INBOX", raw)
     dovecot.append(imap_user.name, "Customers", raw)  # a label: the same message in another folder
     dovecot.append(imap_user.name, "INBOX", message(6))
-    runner = Runner(app.build_connectors(mailbox(gmail.host, gmail.port, imap_user, ["INBOX", "Customers"]), None), StoreSink(memory_store), once=True)
+    runner = Runner(app.build_connectors(settings_for(dovecot, imap_user, ["INBOX", "Customers"], host=gmail.host, port=gmail.port), None), StoreSink(memory_store), once=True)
     assert await runner.run(), runner.status
     assert await memory_store.records.count_documents({}) == 2
     rec = await memory_store.records.find_one({"_id": "labelled@example.com"})
@@ -51,7 +50,7 @@ async def test_labels_are_one_record_with_the_gmail_msgid_in_each_source(dovecot
 
 async def test_servers_without_the_extension_are_not_asked(dovecot, imap_user, memory_store):
     dovecot.append(imap_user.name, "INBOX", message(1))
-    runner = Runner(app.build_connectors(mailbox(dovecot.host, dovecot.port, imap_user, ["INBOX"]), None), StoreSink(memory_store), once=True)
+    runner = Runner(app.build_connectors(settings_for(dovecot, imap_user, ["INBOX"]), None), StoreSink(memory_store), once=True)
     # Dovecot would answer BAD to a FETCH of X-GM-MSGID: the pass succeeding shows it was not asked.
     assert await runner.run(), runner.status
     rec = await memory_store.records.find_one({})

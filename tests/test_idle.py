@@ -15,16 +15,7 @@ from tcp_proxy import TcpProxy
 
 
 def settings(dovecot, user, **mailbox):
-    box = {
-        "name": "m",
-        "host": dovecot.host,
-        "port": dovecot.port,
-        "security": "none",
-        "username": user.name,
-        "password": user.password,
-        "addresses": [f"{user.name}@ourco.example"],
-    }
-    box.update(mailbox)
+    box = dovecot.mailbox(user, addresses=[f"{user.name}@ourco.example"]) | mailbox
     return settings_from_dict({"mongodb": {"uri": "memory://"}, "mailboxes": [box]})
 
 

@@ -52,16 +52,8 @@ def _no_rotation(oauth):
 
 
 def box(dovecot, oauth, user, name, auth, **extra):
-    return {
-        "name": name,
-        "host": dovecot.host,
-        "port": dovecot.port,
-        "security": "none",
-        "username": user.name,
-        "folders": ["INBOX"],
-        "auth": {"method": "oauth2", "ca_file": oauth.ca_file, **auth},
-        **extra,
-    }
+    auth = {"method": "oauth2", "ca_file": oauth.ca_file, **auth}
+    return dovecot.mailbox(user, name=name, password=None, folders=["INBOX"], auth=auth, **extra)
 
 
 def settings(*boxes):

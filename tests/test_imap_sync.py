@@ -11,8 +11,9 @@ import pytest
 from commsync.config import settings_from_dict
 from commsync.daemon import app
 from commsync.daemon.cli import main
-from commsync.daemon.runner import Runner, StoreSink
+from commsync.daemon.runner import Runner
 from mailgen import message
+from sinks import CountingSink, CrashingSink
 
 CORPUS = Path(__import__("os").environ.get("COMMSYNC_CORPUS_DIR") or Path(__file__).resolve().parents[2] / "shared" / "corpus" / "email")
 
@@ -20,17 +21,8 @@ CORPUS = Path(__import__("os").environ.get("COMMSYNC_CORPUS_DIR") or Path(__file
 def settings_for(dovecot, *users, capture=None, **mailbox):
     boxes = []
     for n, user in enumerate(users):
-        box = {
-            "name": mailbox.pop("name", None) or f"box{n}",
-            "host": dovecot.host,
-            "port": dovecot.port,
-            "security": "none",
-            "username": user.name,
-            "password": user.password,
-            "addresses": [f"{user.name}@ourco.example"],
-        }
-        box.update(mailbox)
-        boxes.append(box)
+        name = mailbox.pop("name", None) or f"box{n}"
+        boxes.append(dovecot.mailbox(user, name=name, addresses=[f"{user.name}@ourco.example"]) | mailbox)
     return settings_from_dict(
         {
             "mongodb": {"uri": "memory://"},
@@ -40,18 +32,6 @@ def settings_for(dovecot, *users, capture=None, **mailbox):
             "capture": capture or {},
         }
     )
-
-
-class CountingSink(StoreSink):
-    """Remembers what each batch carried, to prove what was fetched."""
-
-    def __init__(self, store):
-        super().__init__(store)
-        self.batches = []
-
-    async def write(self, source, batch):
-        self.batches.append((source, batch.stream, len(batch.records), batch.skipped))
-        await super().write(source, batch)
 
 
 async def sync(settings, store, executor=None, sink=None):
@@ -159,17 +139,7 @@ async def test_crash_between_store_and_checkpoint_loses_and_doubles_nothing(dove
     for i in range(7):
         dovecot.append(imap_user.name, "INBOX", message(i))
     settings = settings_for(dovecot, imap_user, batch_size=3, folders=["INBOX"])
-
-    class Crash(CountingSink):
-        saved = 0
-
-        async def save_checkpoint(self, source, stream, checkpoint):
-            if self.saved == 1:
-                raise RuntimeError("injected: died after storing, before the checkpoint")
-            self.saved += 1
-            await super().save_checkpoint(source, stream, checkpoint)
-
-    ok, runner, _ = await sync(settings, memory_store, sink=Crash(memory_store))
+    ok, runner, _ = await sync(settings, memory_store, sink=CrashingSink(memory_store, after=1))
     assert not ok and "injected" in runner.status["box0"].last_error
     assert (await memory_store.load_state("box0"))["INBOX"]["last_uid"] == 3
     assert await memory_store.records.count_documents({}) == 6
@@ -281,7 +251,7 @@ def test_cli_dry_run_prints_records_and_writes_nothing(dovecot, imap_user, tmp_p
                 # An unreachable MongoDB proves the dry run never connects to it.
                 "mongodb": {"uri": "mongodb://127.0.0.1:9", "server_selection_timeout": "1s"},
                 "mailboxes": [
-                    {"name": "m", "host": dovecot.host, "port": dovecot.port, "security": "none", "username": imap_user.name, "password": imap_user.password, "folders": ["INBOX"]}
+                    dovecot.mailbox(imap_user, folders=["INBOX"])
                 ],
             }
         )
@@ -299,8 +269,8 @@ def test_cli_check_reports_each_item(dovecot, imap_user, tmp_path, capsys):
             {
                 "mongodb": {"uri": "memory://"},
                 "mailboxes": [
-                    {"name": "ok", "host": dovecot.host, "port": dovecot.port, "security": "none", "username": imap_user.name, "password": imap_user.password},
-                    {"name": "nope", "host": dovecot.host, "port": dovecot.port, "security": "none", "username": imap_user.name, "password": "bad"},
+                    dovecot.mailbox(imap_user, name="ok"),
+                    dovecot.mailbox(imap_user, name="nope", password="bad"),
                 ],
             }
         )

@@ -11,6 +11,7 @@ import pytest
 from commsync.connectors.base import AuthError, Batch
 from commsync.daemon.runner import DryRunSink, Runner, StoreSink
 from records import T0, email_record, hours
+from sinks import CrashingSink
 
 
 class ListConnector:
@@ -47,16 +48,7 @@ class AuthFailing(ListConnector):
 
 
 async def test_checkpoint_is_saved_only_after_the_batch_is_stored(memory_store):
-    class CrashingSink(StoreSink):
-        calls = 0
-
-        async def save_checkpoint(self, source, stream, checkpoint):
-            CrashingSink.calls += 1
-            if CrashingSink.calls == 2:
-                raise RuntimeError("killed between store and checkpoint")
-            await super().save_checkpoint(source, stream, checkpoint)
-
-    runner = Runner([ListConnector("a", 10)], CrashingSink(memory_store), once=True)
+    runner = Runner([ListConnector("a", 10)], CrashingSink(memory_store, after=1), once=True)
     assert await runner.run() is False
     assert (await memory_store.load_state("a")) == {"s": {"done": 3}}
     # The second batch is stored although its checkpoint is not: the restart re-reads it.

@@ -104,16 +104,7 @@ class Daemon:
 
 
 def mailbox(dovecot, user, name, **extra):
-    return {
-        "name": name,
-        "host": dovecot.host,
-        "port": dovecot.port,
-        "security": "none",
-        "username": user.name,
-        "password_env": f"PW_{name.upper()}",
-        "folders": ["INBOX"],
-        **extra,
-    }
+    return dovecot.mailbox(user, name=name, password=None, password_env=f"PW_{name.upper()}", folders=["INBOX"], **extra)
 
 
 def write_config(path: Path, mailboxes: list[dict], **top) -> Path:

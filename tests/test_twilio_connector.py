@@ -22,10 +22,11 @@ from commsync.config import ConfigError, load_settings, settings_from_dict
 from commsync.connectors.twilio import TwilioConnector
 from commsync.daemon import app
 from commsync.daemon.cli import main
-from commsync.daemon.runner import Runner, StoreSink
+from commsync.daemon.runner import Runner
 from commsync.daemon.store import Store
 from mailgen import message
 from records import email_record
+from sinks import CountingSink, CrashingSink
 from twilio_fake import FakeTwilio
 
 ACC = "AC" + "1" * 32
@@ -80,18 +81,6 @@ def settings_for(*accounts, mailboxes=(), **top):
             **top,
         }
     )
-
-
-class CountingSink(StoreSink):
-    """Remembers what each batch carried."""
-
-    def __init__(self, store):
-        super().__init__(store)
-        self.batches = []
-
-    async def write(self, source, batch):
-        self.batches.append((source, batch.stream, len(batch.records), batch.skipped))
-        await super().write(source, batch)
 
 
 async def sync(settings, store, sink=None):
@@ -512,10 +501,7 @@ async def test_401_fails_that_account_while_another_account_and_a_mailbox_keep_s
     add_call(fake, T0, acc=ACC2, frm="+14155550111", to="+14155550198")
     for i in range(2):
         dovecot.append(imap_user.name, "INBOX", message(i))
-    mailbox = {
-        "name": "mail", "host": dovecot.host, "port": dovecot.port, "security": "none",
-        "username": imap_user.name, "password": imap_user.password, "folders": ["INBOX"],
-    }
+    mailbox = dovecot.mailbox(imap_user, name="mail", folders=["INBOX"])
     settings = settings_for(
         account(fake, "support", ACC, "wrong-token"),
         account(fake, "sales", ACC2, TOKEN2),
@@ -559,17 +545,7 @@ async def test_restart_in_the_middle_loses_and_doubles_nothing(fake, memory_stor
     for i in range(4):
         fake.add_message(ACC, from_=CUSTOMER, to=OURS, body=f"msg {i}", direction="inbound", date_sent=T0 + minutes(i))
     settings = settings_for(account(fake, page_size=3))
-
-    class Crash(CountingSink):
-        saved = 0
-
-        async def save_checkpoint(self, source, stream, checkpoint):
-            if self.saved == 1:
-                raise RuntimeError("injected: died after storing, before the checkpoint")
-            self.saved += 1
-            await super().save_checkpoint(source, stream, checkpoint)
-
-    ok, runner, _ = await sync(settings, memory_store, sink=Crash(memory_store))
+    ok, runner, _ = await sync(settings, memory_store, sink=CrashingSink(memory_store, after=1))
     assert not ok and "injected" in runner.status["support"].last_error
     assert "pass" in (await memory_store.load_state("support"))["calls"]
 
@@ -789,8 +765,7 @@ def test_cli_dry_run_prints_twilio_records(fake, dovecot, imap_user, tmp_path, c
             "mongodb": {"uri": "mongodb://127.0.0.1:9", "server_selection_timeout": "1s"},
             "default_region": "US",
             "mailboxes": [
-                {"name": "m", "host": dovecot.host, "port": dovecot.port, "security": "none",
-                 "username": imap_user.name, "password": imap_user.password, "folders": ["INBOX"]}
+                dovecot.mailbox(imap_user, folders=["INBOX"])
             ],
             "twilio_accounts": [account(fake)],
         },

@@ -1,0 +1,39 @@
+"""Store sinks for tests: one that remembers each batch, one that dies mid-run."""
+
+from __future__ import annotations
+
+from commsync.daemon.runner import StoreSink
+
+
+class CountingSink(StoreSink):
+    """Remembers what each batch carried, to prove what was fetched.
+
+    ``batches`` holds one ``(source, stream, n_records, skipped)`` per batch.
+    """
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.batches = []
+
+    async def write(self, source, batch):
+        self.batches.append((source, batch.stream, len(batch.records), batch.skipped))
+        await super().write(source, batch)
+
+
+class CrashingSink(CountingSink):
+    """Stores every batch but saves only the first ``after`` checkpoints.
+
+    The next ``save_checkpoint`` raises, as if the process died after a batch
+    was stored and before its checkpoint was.
+    """
+
+    def __init__(self, store, after: int = 1):
+        super().__init__(store)
+        self.after = after
+        self.saved = 0
+
+    async def save_checkpoint(self, source, stream, checkpoint):
+        if self.saved == self.after:
+            raise RuntimeError("injected: died after storing, before the checkpoint")
+        self.saved += 1
+        await super().save_checkpoint(source, stream, checkpoint)
