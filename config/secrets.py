@@ -2,7 +2,10 @@
 
 Files are read when the secret is needed, not only at start, so a rotated
 password is picked up at the next login. Relative file names are looked up in
-systemd's ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``) when it is set.
+systemd's ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``) when it is set;
+outside the service (an admin running ``commsync check`` by hand) in the
+working directory, then in ``/etc/commsync/credentials``, where the
+LoadCredential= lines point, so the same config works both ways.
 """
 
 from __future__ import annotations
@@ -18,12 +21,20 @@ class SecretError(ValueError):
     """A configured secret cannot be read."""
 
 
+# Where install.sh keeps the files the unit's LoadCredential= lines name.
+CREDENTIALS_FALLBACK = Path(os.environ.get("COMMSYNC_CREDENTIALS_DIR", "/etc/commsync/credentials"))
+
+
 def credential_path(path: Path) -> Path:
-    """Resolve a relative secret file against ``$CREDENTIALS_DIRECTORY``."""
+    """Resolve a relative secret file (see the module docstring for the order)."""
+    if path.is_absolute():
+        return path
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not path.is_absolute() and creds:
+    if creds:
         return Path(creds) / path
-    return path
+    if path.exists() or not (CREDENTIALS_FALLBACK / path).exists():
+        return path
+    return CREDENTIALS_FALLBACK / path
 
 
 def read_secret(inline: SecretStr | None, file: Path | None, env: str | None) -> str:

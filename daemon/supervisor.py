@@ -24,6 +24,7 @@ log = structlog.get_logger(__name__)
 
 # Everything a connector is built from besides its own entry.
 _NOT_SHARED = {"mailboxes", "twilio_accounts", "daemon", "log_level", "mongodb"}
+_RESTART_KEYS = ("mongodb", "customers", "default_region", "retention", "rematch")
 _RESTART_ONLY = ("parse_workers", "max_sources", "lease_ttl", "instance", "http")
 
 
@@ -60,12 +61,17 @@ class Supervisor:
         added = [n for n in after if n not in before]
         changed = [n for n in after if n in before and after[n] != before[n]]
 
-        restart = [k for k in ("mongodb",) if getattr(old, k) != getattr(new, k)]
+        # Read once at start by the store's matching and by the upkeep loop.
+        restart = [k for k in _RESTART_KEYS if getattr(old, k) != getattr(new, k)]
         restart += [f"daemon.{k}" for k in _RESTART_ONLY if getattr(old.daemon, k) != getattr(new.daemon, k)]
         if restart:
             log.warning("reload_needs_restart", keys=restart, detail="these keep their running values until a restart")
         if new.log_level != old.log_level:
             logs.configure(new.log_level)
+        store = getattr(self.runner.sink, "store", None)
+        if store is not None:
+            # Blocklist, automated mail, policy, auto-create: the next batch follows the new file.
+            store.capture = app.capture_policy(new)
         self.runner.backoff_max = new.daemon.backoff_max
         self.runner.poll_interval = new.daemon.poll_interval
 

@@ -149,3 +149,20 @@ def test_example_config_is_valid(monkeypatch):
     monkeypatch.setenv("COMMSYNC_EXAMPLE_PASSWORD", "x")
     s = load_settings(example)
     assert s.mailboxes
+
+
+def test_relative_secret_files_fall_back_to_the_install_credentials_dir(tmp_path, monkeypatch):
+    """`commsync check` run by hand finds the files the unit's LoadCredential= lines name."""
+    from commsync.config import secrets
+
+    creds = tmp_path / "etc-credentials"
+    creds.mkdir()
+    (creds / "sales").write_text("from-install-dir\n", encoding="utf-8")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.setattr(secrets, "CREDENTIALS_FALLBACK", creds)
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(write(tmp_path, "mailboxes: [{name: a, host: h, username: u, password_file: sales}]"))
+    assert s.mailboxes[0].read_password() == "from-install-dir"
+    # A file of that name in the working directory wins, as a relative path reads.
+    (tmp_path / "sales").write_text("from-cwd", encoding="utf-8")
+    assert s.mailboxes[0].read_password() == "from-cwd"

@@ -1,0 +1,28 @@
+"""Reload semantics in process: what a new config file changes without a restart."""
+
+from __future__ import annotations
+
+import json
+
+from commsync.config import load_settings
+from commsync.daemon.runner import Runner, StoreSink
+from commsync.daemon.supervisor import Supervisor
+from records import email_record
+
+
+async def test_reload_applies_the_capture_policy_to_the_next_batch(tmp_path, memory_store):
+    path = tmp_path / "commsync.yaml"
+    path.write_text(json.dumps({"mongodb": {"uri": "memory://"}}))
+    runner = Runner([], StoreSink(memory_store))
+    supervisor = Supervisor(path, load_settings(path), runner, None)
+    supervisor.start()
+
+    assert (await memory_store.write_batch([email_record("a@x", "news@spam.example")])).records == 1
+    path.write_text(json.dumps({"mongodb": {"uri": "memory://"}, "blocklist": ["@spam.example"]}))
+    assert await supervisor.reload() is True
+    result = await memory_store.write_batch([email_record("b@x", "news@spam.example")])
+    assert result.records == 0 and sum(result.not_captured.values()) == 1
+
+    path.write_text("blocklist: [unterminated")
+    assert await supervisor.reload() is False  # the running configuration stays
+    assert (await memory_store.write_batch([email_record("c@x", "news@spam.example")])).records == 0
