@@ -3,7 +3,8 @@
 The only module that imports the driver. Every batch costs a fixed number of
 round trips, whatever its size: four reads sent together (the records'
 previous customers, tombstones, suppressed participants, one customer lookup),
-one bulk upsert of records, one history aggregation and one bulk write of
+one bulk upsert of records, then the history refresh: one bulk bump of the
+customers' revisions, one read of them, one aggregation and one bulk write of
 histories (plus one $pull when a folder was reset, and one bulk upsert when
 customers are auto-created).
 """
@@ -39,6 +40,11 @@ SUPPRESSIONS = "suppressions"
 LEASES = "leases"
 INSTANCES = "instances"
 SOURCE_STATUS = "source_status"
+# Per customer, a counter every history recomputation bumps first: a history
+# document carries the revision it was computed at, and an older computation
+# finishing late cannot overwrite a newer one (writers run concurrently: two
+# sources of one daemon, or several daemons).
+REVISIONS = "history_revisions"
 
 # Fields a re-read must not overwrite: identity, provenance, first sighting.
 _KEEP = frozenset({"_id", "sources", "ingested_at", "customer_ids"})
@@ -77,6 +83,9 @@ class Store:
         self.memory = memory
         self.tombstones = self.db[TOMBSTONES]
         self.suppressions = self.db[SUPPRESSIONS]
+        self.revisions = self.db[REVISIONS]
+        # Within one process recomputations of histories take turns (see REVISIONS for several).
+        self._history_lock = asyncio.Lock()
         # Keep everything until configured (app.open_store sets the configured policy).
         self.capture = policy.CapturePolicy(region=default_region)
         # Round trips to the server since start; tests and benchmarks read it.
@@ -240,28 +249,65 @@ class Store:
         return matching.index_customers(customers, self.default_region)
 
     async def refresh_history(self, customer_ids: Iterable[Any]) -> int:
-        """Recompute the history documents of ``customer_ids`` from their records."""
+        """Recompute the history documents of ``customer_ids`` from their records.
+
+        Callers have stored their record changes already. Bumping the
+        revisions first, then reading them, then aggregating means a
+        computation at revision r has seen every change made before r.
+        """
         wanted = sorted(set(customer_ids), key=str)
         if not wanted:
             return 0
-        self.round_trips += 1
-        rows = await self.records.aggregate(history.pipeline(wanted)).to_list(None)
-        docs = history.documents(rows, now=now_utc())
-        ops: list[Any] = [ReplaceOne({"_id": cid}, doc, upsert=True) for cid, doc in docs.items()]
-        # A customer left with no records has no history.
-        ops += [DeleteOne({"_id": cid}) for cid in wanted if cid not in docs]
-        self.round_trips += 1
-        await self.history.bulk_write(ops, ordered=False)
+        async with self._history_lock:
+            self.round_trips += 3
+            await self.revisions.bulk_write(
+                [UpdateOne({"_id": cid}, {"$inc": {"rev": 1}}, upsert=True) for cid in wanted], ordered=False
+            )
+            revs = await self._revisions(wanted)
+            rows = await self.records.aggregate(history.pipeline(wanted)).to_list(None)
+            docs = history.documents(rows, now=now_utc())
+            self.round_trips += 1
+            await self._write_history(wanted, docs, revs)
         return len(docs)
 
+    async def _revisions(self, customer_ids: Sequence[Any] | None) -> dict[Any, int]:
+        query = {} if customer_ids is None else {"_id": {"$in": list(customer_ids)}}
+        return {d["_id"]: d["rev"] for d in await self.revisions.find(query).to_list(None)}
+
+    async def _write_history(self, wanted: Iterable[Any], docs: Mapping[Any, dict[str, Any]], revs: Mapping[Any, int]) -> None:
+        """Store ``docs`` (and delete the histories of ``wanted`` customers without records), unless newer ones are there."""
+        ops: list[Any] = []
+        for cid in wanted:
+            rev = revs.get(cid, 0)
+            newest = {"_id": cid, "$or": [{"revision": {"$lte": rev}}, {"revision": {"$exists": False}}]}
+            if cid in docs:
+                ops.append(ReplaceOne(newest, {**docs[cid], "revision": rev}, upsert=True))
+            else:
+                # A customer left with no records has no history.
+                ops.append(DeleteOne(newest))
+        if not ops:
+            return
+        try:
+            await self.history.bulk_write(ops, ordered=False)
+        except pymongo.errors.BulkWriteError as exc:
+            # A newer revision is stored already: the upsert of the older one collides on _id and stays out.
+            if any(err.get("code") != 11000 for err in exc.details.get("writeErrors", ())):
+                raise
+
     async def rebuild_history(self, *, write: bool = False) -> dict[Any, dict[str, Any]]:
-        """History of every customer computed from scratch; stored too when ``write``."""
-        rows = await self.records.aggregate(history.pipeline(None)).to_list(None)
-        docs = history.documents(rows, now=now_utc())
-        if write:
-            await self.history.delete_many({"_id": {"$nin": list(docs)}})
-            if docs:
-                await self.history.bulk_write([ReplaceOne({"_id": k}, v, upsert=True) for k, v in docs.items()])
+        """History of every customer computed from scratch; stored too when ``write``.
+
+        Each document carries the customer's current revision, so a rebuild
+        equals the stored histories exactly when they are up to date.
+        """
+        async with self._history_lock:
+            revs = await self._revisions(None)
+            rows = await self.records.aggregate(history.pipeline(None)).to_list(None)
+            docs = history.documents(rows, now=now_utc())
+            docs = {cid: {**doc, "revision": revs.get(cid, 0)} for cid, doc in docs.items()}
+            if write:
+                stored = [d["_id"] for d in await self.history.find({}, {"_id": 1}).to_list(None)]
+                await self._write_history(set(stored) | set(docs), docs, revs)
         return docs
 
     # -- admin: deletes, tombstones, suppression, customers, validators -------------

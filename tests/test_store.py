@@ -5,6 +5,8 @@ Runs on mongomock always and on a real MongoDB when COMMSYNC_TEST_MONGODB_URI is
 
 from __future__ import annotations
 
+import asyncio
+
 from records import T0, email_record, hours
 
 
@@ -114,12 +116,31 @@ async def test_customer_left_without_records_loses_its_history(store):
     await _assert_history_is_rebuild(store)
 
 
+class Counted:
+    """A collection whose server calls are counted: the store's own tally is not taken on trust."""
+
+    CALLS = frozenset({"find", "find_one", "aggregate", "bulk_write", "update_one", "update_many", "replace_one", "delete_many", "insert_many"})
+
+    def __init__(self, collection, tally):
+        self._collection, self._tally = collection, tally
+
+    def __getattr__(self, name):
+        if name in self.CALLS:
+            self._tally.append(name)
+        return getattr(self._collection, name)
+
+
 async def test_round_trips_per_batch_do_not_grow_with_batch_size(store):
     await store.customers.insert_many([{"_id": f"c{i}", "emails": [f"p{i}@example.com"]} for i in range(50)])
+    tally = []
+    for name in ("records", "history", "customers", "tombstones", "suppressions", "revisions", "sync_state"):
+        setattr(store, name, Counted(getattr(store, name), tally))
     small = await store.write_batch([email_record(f"s{i}@x", f"p{i % 50}@example.com", uid=i) for i in range(5)])
     large = await store.write_batch([email_record(f"l{i}@x", f"p{i % 50}@example.com", uid=i) for i in range(300)])
-    # previous customers, tombstones, suppressions and customers (sent together), upsert, aggregation, history write.
-    assert small.round_trips == large.round_trips == 7
+    # previous customers, tombstones, suppressions and customers (sent together), upsert,
+    # then the history refresh: bump and read revisions, aggregation, history write.
+    assert small.round_trips == large.round_trips == 9
+    assert len(tally) == small.round_trips + large.round_trips
     assert large.records == 300 and large.customers == 50
 
 
@@ -150,3 +171,28 @@ async def test_ingested_at_is_kept_on_re_read(store):
     first = (await store.records.find_one({"_id": "m@x"}))["ingested_at"]
     await store.write_batch([email_record("m@x", folder="Sent")])
     assert (await store.records.find_one({"_id": "m@x"}))["ingested_at"] == first
+
+
+async def test_a_slow_history_recomputation_does_not_overwrite_a_newer_one(store):
+    """Two writers (two daemons on one database) touch the same customer; the slower one finishes last."""
+    from commsync.daemon.store import Store
+
+    other = Store(store.client, store.db.name)
+    await store.customers.insert_one({"_id": "c1", "emails": ["alice@example.com"]})
+    aggregated = asyncio.Event()
+    newer_written = asyncio.Event()
+    write = store._write_history
+
+    async def slow_write(*args, **kwargs):
+        aggregated.set()
+        await newer_written.wait()  # the other writer stores its newer history meanwhile
+        await write(*args, **kwargs)
+
+    store._write_history = slow_write
+    first = asyncio.create_task(store.write_batch([email_record("a@x", at=T0)]))
+    await aggregated.wait()
+    await other.write_batch([email_record("b@x", at=T0 + hours(1))])
+    newer_written.set()
+    await first
+    assert (await store.history.find_one({"_id": "c1"}))["total"] == 2
+    await _assert_history_is_rebuild(store)
