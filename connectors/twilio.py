@@ -270,14 +270,14 @@ class TwilioConnector:
         (Twilio answers 403); then one single-item page of each configured
         list proves what commsync needs instead.
         """
-        account = self._account()
+        account = await self._call(self._account)
         try:
             info = await self._request("fetch account", account.fetch)
             return f"account ok: {info.friendly_name!r} ({info.status}, {info.type}); reading {', '.join(self.config.channels)}"
         except AuthError as exc:
             if "HTTP 403" not in str(exc):
                 raise
-        account = self._account()
+        account = await self._call(self._account)
         lists = {"calls": account.calls, "messages": account.messages}
         for name in self.config.channels:
             await self._request(f"list {name}", lists[name].page, page_size=1)
@@ -307,7 +307,7 @@ class TwilioConnector:
         window = Window.open(checkpoint, since=self.config.since, lookback=self.config.lookback)
         after, before = window.day_filters()
         query = {"page_size": self.config.page_size, "date_sent_after": after, "date_sent_before": before}
-        account = self._account()
+        account = await self._call(self._account)
         first = lambda: account.messages.page(**{k: v for k, v in query.items() if v is not None})  # noqa: E731
         pages = self._pager("list messages", first, "messages")
         try:
@@ -345,7 +345,7 @@ class TwilioConnector:
         window = Window.open(checkpoint, since=self.config.since, lookback=self.config.lookback)
         after, before = window.day_filters()
         query = {"page_size": self.config.page_size, "start_time_after": after, "start_time_before": before}
-        account = self._account()
+        account = await self._call(self._account)
         first = lambda: account.calls.page(**{k: v for k, v in query.items() if v is not None})  # noqa: E731
         recordings = RecordingFeed(self, account, window)
         legs = LegGroups()

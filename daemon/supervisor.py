@@ -23,7 +23,8 @@ from . import app, logs
 log = structlog.get_logger(__name__)
 
 # Everything a connector is built from besides its own entry.
-_NOT_SHARED = {"mailboxes", "twilio_accounts", "daemon", "log_level", "mongodb"}
+# Keys no connector is built from: changing them restarts no source.
+_NOT_SHARED = {"mailboxes", "twilio_accounts", "daemon", "log_level", "mongodb", "customers", "blocklist", "capture_automated", "retention", "rematch"}
 _RESTART_KEYS = ("mongodb", "customers", "default_region", "retention", "rematch")
 _RESTART_ONLY = ("parse_workers", "max_sources", "lease_ttl", "instance", "http")
 
@@ -51,7 +52,12 @@ class Supervisor:
             except ConfigError as exc:
                 log.error("reload_failed", config=str(self.path), error=str(exc), kept="the running configuration")
                 return False
-            await self.apply(new)
+            try:
+                await self.apply(new)
+            except Exception:
+                # Sources the failed apply stopped come back with the next reload or restart.
+                log.exception("reload_failed", config=str(self.path), kept="partly applied; see the error")
+                return False
             return True
 
     async def apply(self, new: Settings) -> None:
@@ -70,8 +76,9 @@ class Supervisor:
             logs.configure(new.log_level)
         store = getattr(self.runner.sink, "store", None)
         if store is not None:
-            # Blocklist, automated mail, policy, auto-create: the next batch follows the new file.
-            store.capture = app.capture_policy(new)
+            # Blocklist, automated mail, capture.policy: the next batch follows the new file;
+            # the keys that need a restart keep their running values here too.
+            store.capture = app.capture_policy(new.model_copy(update={k: getattr(old, k) for k in _RESTART_KEYS}))
         self.runner.backoff_max = new.daemon.backoff_max
         self.runner.poll_interval = new.daemon.poll_interval
 
