@@ -358,6 +358,11 @@ class Runner:
                 # Never interrupted by a stop: a batch in hand is stored and checkpointed.
                 started = time.monotonic()
                 await self.sink.write(connector.name, batch)
+                if self.leases is not None and not self.leases.holds(connector.name):
+                    # The write outlived the lease: the records are in (upserts, harmless twice),
+                    # but the checkpoint is the new owner's to move now, never ours to move back.
+                    log.warning("checkpoint_skipped_lease_expired", source=connector.name, stream=batch.stream)
+                    break
                 await self.sink.save_checkpoint(connector.name, batch.stream, batch.checkpoint)
                 stored += len(batch.records)
                 self._batch_done(worker, batch, time.monotonic() - started)

@@ -138,3 +138,27 @@ async def test_dry_run_prints_json_lines_and_keeps_no_state():
 @pytest.mark.parametrize("n", [0, 1])
 async def test_empty_sources_finish(memory_store, n):
     assert await Runner([ListConnector("a", n)], StoreSink(memory_store), once=True).run() is True
+
+
+async def test_a_lease_lost_during_the_write_keeps_the_checkpoint_where_it_was(memory_store):
+    class LeaseRunsOut:
+        """Ours when the batch is taken, gone by the time its write returns (a stalled instance)."""
+
+        def __init__(self):
+            self.held = True
+
+        def holds(self, source):
+            return self.held
+
+    lease = LeaseRunsOut()
+
+    class StallingSink(StoreSink):
+        async def write(self, source, batch):
+            await super().write(source, batch)
+            lease.held = False
+
+    runner = Runner([], StallingSink(memory_store), leases=lease)
+    stored = await runner.run_pass(ListConnector("a", 9))
+    assert stored == 0  # written, but not counted as done: no checkpoint moved
+    assert await memory_store.records.count_documents({}) == 3  # upserts: the new owner re-reads them harmlessly
+    assert await memory_store.load_state("a") == {}
