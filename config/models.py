@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import date, timedelta
 from pathlib import Path
@@ -141,6 +142,17 @@ class DaemonSettings(_Model):
         return value
 
 
+def is_loopback(host: str) -> bool:
+    """True for this machine's own addresses, where nothing travels over a network."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _given(model: BaseModel, key: str) -> list[str]:
     """Which of ``key``, ``key_file``, ``key_env`` are set."""
     return [k for k in (key, f"{key}_file", f"{key}_env") if getattr(model, k) is not None]
@@ -162,6 +174,9 @@ class MailboxConfig(_Model):
     host: str = Field(min_length=1)
     port: int | None = Field(default=None, ge=1, le=65535, description="Default 993 for tls, 143 otherwise.")
     security: Literal["tls", "starttls", "none"] = "tls"
+    allow_plaintext: bool = Field(
+        default=False, description="Allow security: none to a host other than this machine (the password travels in clear)."
+    )
     tls_verify: bool = Field(default=True, description="Verify the server certificate (leave on).")
     ca_file: Path | None = Field(default=None, description="Extra CA bundle for a private certificate authority.")
     username: str = Field(min_length=1)
@@ -205,6 +220,11 @@ class MailboxConfig(_Model):
                 raise ValueError(f"{', '.join(given)}: not used with auth.method oauth2 (remove it)")
         else:
             _require_one_secret(self, "password")
+        if self.security == "none" and not self.allow_plaintext and not is_loopback(self.host):
+            raise ValueError(
+                f"security: none would send the login to {self.host} in clear; use tls or starttls "
+                "(or set allow_plaintext: true if the network path is trusted)"
+            )
         if self.ca_file is not None and not self.ca_file.is_file():
             raise ValueError(f"ca_file {self.ca_file} does not exist")
         return self
@@ -273,6 +293,10 @@ class TwilioAccountConfig(_Model):
     def _url(cls, value: str) -> str:
         if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", value):
             raise ValueError("base_url must be an http(s) URL such as https://api.twilio.com")
+        host = re.sub(r":\d+$", "", value.split("://", 1)[1].split("/", 1)[0])
+        if value.startswith("http://") and not is_loopback(host):
+            # Basic auth carries the token or key secret in every request.
+            raise ValueError("base_url must use https (plain http is allowed to this machine only)")
         return value.rstrip("/")
 
     @field_validator("numbers")

@@ -166,3 +166,30 @@ def test_relative_secret_files_fall_back_to_the_install_credentials_dir(tmp_path
     # A file of that name in the working directory wins, as a relative path reads.
     (tmp_path / "sales").write_text("from-cwd", encoding="utf-8")
     assert s.mailboxes[0].read_password() == "from-cwd"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("mailboxes: [{name: a, host: imap.example.com, security: none, username: u, password: p}]", "in clear"),
+        ("twilio_accounts: [{name: t, account_sid: AC0123456789abcdef0123456789abcdef, auth_token: x, base_url: 'http://proxy.example.com'}]", "must use https"),
+    ],
+)
+def test_cleartext_credentials_to_another_host_are_refused(tmp_path, body, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_settings(write(tmp_path, body))
+
+
+def test_cleartext_is_allowed_on_loopback_or_when_asked_for(tmp_path):
+    s = load_settings(
+        write(
+            tmp_path,
+            """
+            mailboxes:
+              - {name: a, host: 127.0.0.1, security: none, username: u, password: p}
+              - {name: b, host: imap.lan, security: none, allow_plaintext: true, username: u, password: p}
+            twilio_accounts: [{name: t, account_sid: AC0123456789abcdef0123456789abcdef, auth_token: x, base_url: 'http://localhost:8080'}]
+            """,
+        )
+    )
+    assert [m.name for m in s.mailboxes] == ["a", "b"]
