@@ -7,13 +7,22 @@ split across a process pool; a thread would hold the GIL against the loop.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import structlog
+
 from .mail import normalize_email
+
+log = structlog.get_logger(__name__)
+
+# Imported once in the forkserver, so each worker starts warm while the mailbox logs in.
+PRELOAD = ["commsync.connectors.parsing", "inscriptis"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,23 +63,71 @@ def normalize_many(items: Sequence[RawMail], options: MailOptions) -> list[tuple
     return out
 
 
-class MailParser:
-    """Normalizes batches of RawMail in ``executor`` (a process pool), or inline when None."""
+class ParsePool:
+    """A process pool that replaces itself when one of its workers dies.
 
-    def __init__(self, options: MailOptions, executor: Executor | None = None, *, workers: int = 1):
-        self.options = options
-        self.executor = executor
+    A worker killed mid-parse (the OOM killer, a crash in C code) breaks a
+    ProcessPoolExecutor for good; without a replacement every mailbox would
+    fail from then on.
+    """
+
+    def __init__(self, workers: int):
         self.workers = max(1, workers)
+        self.executor = self._start()
 
-    async def parse(self, items: Sequence[RawMail]) -> list[tuple[dict[str, Any] | None, str | None]]:
+    def _start(self) -> ProcessPoolExecutor:
+        # forkserver: forking a process that runs threads (IMAP, the driver) is unsafe.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        return ProcessPoolExecutor(self.workers, mp_context=context)
+
+    def replace(self, broken: ProcessPoolExecutor) -> None:
+        """Start a fresh pool if ``broken`` is still the current one."""
+        if self.executor is broken:
+            broken.shutdown(wait=False, cancel_futures=True)
+            self.executor = self._start()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+Parsed = list[tuple[dict[str, Any] | None, str | None]]
+
+
+class MailParser:
+    """Normalizes batches of RawMail in a ParsePool, or in a thread when there is none."""
+
+    def __init__(self, options: MailOptions, pool: ParsePool | None = None, *, workers: int = 1):
+        self.options = options
+        self.pool = pool
+        self.workers = pool.workers if pool is not None else max(1, workers)
+
+    async def parse(self, items: Sequence[RawMail]) -> Parsed:
         if not items:
             return []
-        if self.executor is None:
+        if self.pool is None:
             return await asyncio.to_thread(normalize_many, items, self.options)
+        executor = self.pool.executor
         loop = asyncio.get_running_loop()
         size = -(-len(items) // self.workers)
         parts = [items[i : i + size] for i in range(0, len(items), size)]
-        results = await asyncio.gather(
-            *(loop.run_in_executor(self.executor, normalize_many, part, self.options) for part in parts)
-        )
+        try:
+            results = await asyncio.gather(*(loop.run_in_executor(executor, normalize_many, part, self.options) for part in parts))
+        except BrokenProcessPool:
+            log.warning("parse_pool_broken", messages=len(items), next="parsing this batch one message at a time")
+            self.pool.replace(executor)
+            return await self._one_by_one(items)
         return [pair for part in results for pair in part]
+
+    async def _one_by_one(self, items: Sequence[RawMail]) -> Parsed:
+        """Find the message that kills a worker: it is skipped, the others are parsed."""
+        loop = asyncio.get_running_loop()
+        out: Parsed = []
+        for item in items:
+            executor = self.pool.executor
+            try:
+                out += await loop.run_in_executor(executor, normalize_many, [item], self.options)
+            except BrokenProcessPool:
+                self.pool.replace(executor)
+                out.append((None, "the parser process died on this message"))
+        return out

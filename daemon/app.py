@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
 
 from commsync.config.models import Settings
 from commsync.connectors.base import Connector
 from commsync.connectors.imap import ImapConnector
-from commsync.connectors.parsing import MailOptions, MailParser
+from commsync.connectors.parsing import MailOptions, MailParser, ParsePool
 from commsync.connectors.twilio import TwilioConnector
 
 from .policy import from_settings as capture_policy
@@ -37,23 +35,31 @@ def parse_workers(settings: Settings) -> int:
 
 
 @contextmanager
-def parse_pool(settings: Settings) -> Iterator[Executor]:
+def parse_pool(settings: Settings) -> Iterator[ParsePool]:
     """Processes that parse mail, one per core unless configured."""
-    # forkserver: forking a process that runs threads (IMAP, the driver) is unsafe.
-    pool = ProcessPoolExecutor(parse_workers(settings), mp_context=multiprocessing.get_context("forkserver"))
+    import multiprocessing.forkserver
+
+    pool = ParsePool(parse_workers(settings))
+    # The forkserver (it preloads the parser, see ParsePool) would otherwise
+    # start with the first batch; start it now, in the background, so its
+    # start-up and imports overlap login and SEARCH. A no-op when it runs.
+    try:
+        multiprocessing.forkserver.ensure_running()
+    except OSError:
+        pass  # the pool starts it on first use, and reports a failure then
     try:
         yield pool
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown()
 
 
-def mail_parser(settings: Settings, executor: Executor | None, own_addresses: frozenset[str]) -> MailParser:
+def mail_parser(settings: Settings, pool: ParsePool | None, own_addresses: frozenset[str]) -> MailParser:
     options = MailOptions(
         own_addresses=own_addresses,
         internal_domains=frozenset(settings.internal_domains),
         max_content_chars=settings.capture.max_content_chars,
     )
-    return MailParser(options, executor, workers=parse_workers(settings))
+    return MailParser(options, pool, workers=parse_workers(settings))
 
 
 def all_own_addresses(settings: Settings) -> frozenset[str]:
@@ -61,12 +67,12 @@ def all_own_addresses(settings: Settings) -> frozenset[str]:
     return frozenset().union(*(m.own_addresses for m in settings.mailboxes))
 
 
-def build_connectors(settings: Settings, executor: Executor | None) -> list[Connector]:
+def build_connectors(settings: Settings, pool: ParsePool | None) -> list[Connector]:
     """One connector per configured source: mailboxes, then Twilio accounts."""
     connectors: list[Connector] = [
         ImapConnector(
             mailbox,
-            mail_parser(settings, executor, mailbox.own_addresses),
+            mail_parser(settings, pool, mailbox.own_addresses),
             max_message_bytes=settings.capture.max_message_bytes,
             max_batch_bytes=settings.capture.max_batch_bytes,
         )

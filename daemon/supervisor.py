@@ -10,13 +10,13 @@ needing a restart and keep their running values.
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from commsync.config import ConfigError, Settings, load_settings
+from commsync.connectors.parsing import ParsePool
 
 from . import app, logs
 
@@ -32,16 +32,16 @@ _RESTART_ONLY = ("parse_workers", "max_sources", "lease_ttl", "instance", "http"
 class Supervisor:
     """Keeps the runner's sources in line with the config file."""
 
-    def __init__(self, path: str | Path, settings: Settings, runner: Any, executor: Executor | None):
+    def __init__(self, path: str | Path, settings: Settings, runner: Any, pool: ParsePool | None):
         self.path = Path(path)
         self.settings = settings
         self.runner = runner
-        self.executor = executor
+        self.pool = pool
         self._lock = asyncio.Lock()
 
     def start(self) -> None:
         """Hand every configured source to the runner."""
-        for connector in app.build_connectors(self.settings, self.executor):
+        for connector in app.build_connectors(self.settings, self.pool):
             self.runner.add(connector, interval=_interval(self.settings, connector.name))
 
     async def reload(self) -> bool:
@@ -90,7 +90,7 @@ class Supervisor:
                 "twilio_accounts": [t for t in getattr(new, "twilio_accounts", []) if t.name in wanted],
             }
         )
-        for connector in app.build_connectors(subset, self.executor):
+        for connector in app.build_connectors(subset, self.pool):
             self.runner.add(connector, interval=_interval(new, connector.name))
         self.settings = new
         if not after:

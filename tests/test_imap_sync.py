@@ -296,3 +296,24 @@ async def test_batches_are_bounded_by_bytes_as_well_as_count(dovecot, imap_user,
     for n in counts:
         assert sum(sizes[start : start + n]) <= budget
         start += n
+
+
+async def test_a_message_that_kills_a_parse_worker_is_skipped_and_the_pool_recovers(dovecot, imap_user, memory_store):
+    """A worker killed mid-parse (OOM killer, a crash in C code) costs that message, not the mailbox."""
+    from parser_poison import PoisonedPool
+
+    for i in range(5):
+        dovecot.append(imap_user.name, "INBOX", message(i, subject="KILL-THE-PARSER please" if i == 2 else None))
+    settings = settings_for(dovecot, imap_user, folders=["INBOX"])
+    pool = PoisonedPool(2, b"KILL-THE-PARSER")
+    try:
+        ok, runner, sink = await sync(settings, memory_store, executor=pool)
+        assert ok, runner.status
+        assert sum(b[2] for b in sink.batches) == 4 and sum(b[3] for b in sink.batches) == 1
+        # The pool was replaced, and the next pass parses on it as usual.
+        dovecot.append(imap_user.name, "INBOX", message(9))
+        ok, _, sink = await sync(settings, memory_store, executor=pool)
+        assert ok and sum(b[2] for b in sink.batches) == 1
+    finally:
+        pool.shutdown()
+    assert await memory_store.records.count_documents({}) == 5
