@@ -508,6 +508,180 @@ def test_text_attachment_is_not_the_body() -> None:
     ]
 
 
+# --------------------------------------------------------------------------- MIME structure
+# The parser splits bodies on boundary lines without reading them line by line
+# (mail._FastParser); these pin what it must get out of awkward structures. The
+# defects are the names the stdlib's compat32 parser gives the same structure.
+
+PDF_B64 = base64.encodebytes(bytes(range(256)) * 40).decode()  # 10240 bytes
+
+
+def mime(content_type: str, body: str, eol: str = "\n") -> bytes:
+    return build({**simple(Content_Type=None), "Content-Type": content_type}, body, eol)
+
+
+def test_boundary_text_inside_lines_does_not_split() -> None:
+    raw = mime(
+        'multipart/mixed; boundary="AAAA"',
+        "--AAAA\nContent-Type: text/plain\n\nHi --AAAA there\n--AAAAx\n --AAAA\n"
+        "--AAAA\nContent-Type: application/pdf\nContent-Transfer-Encoding: base64\n"
+        f"Content-Disposition: attachment; filename=a.pdf\n\n{PDF_B64}--AAAA--\n",
+    )
+    record = normalize_email(raw)
+    assert record["content"] == "Hi --AAAA there\n--AAAAx\n --AAAA"
+    assert record["attachments"] == [{"filename": "a.pdf", "content_type": "application/pdf", "size": 10240}]
+    assert record["parse_defects"] == []
+
+
+def test_boundary_lines_with_transport_padding() -> None:
+    raw = mime(
+        'multipart/alternative; boundary="b"',
+        "--b \t\nContent-Type: text/plain\n\nplain text\n--b\t\nContent-Type: text/html\n\n<p>html</p>\n--b--  \n",
+        eol="\r\n",
+    )
+    record = normalize_email(raw)
+    assert (record["content"], record["attachments"], record["parse_defects"]) == ("plain text", [], [])
+
+
+def test_preamble_and_epilogue_are_not_content() -> None:
+    raw = mime(
+        "multipart/mixed; boundary=b",
+        "This is a multi-part message in MIME format.\n\n--b\nContent-Type: text/plain\n\nbody\n--b--\n\nepilogue text\n",
+    )
+    record = normalize_email(raw)
+    assert (record["content"], record["parse_defects"]) == ("body", [])
+
+
+def test_missing_close_boundary_keeps_the_parts() -> None:
+    raw = mime(
+        "multipart/mixed; boundary=b",
+        "--b\nContent-Type: text/plain\n\nfirst\n"
+        "--b\nContent-Type: image/png\nContent-Transfer-Encoding: base64\n\niVBORw0KGgo=\n",
+    )
+    record = normalize_email(raw)
+    assert record["content"] == "first"
+    assert record["attachments"] == [{"filename": None, "content_type": "image/png", "size": 8}]
+    assert record["parse_defects"] == ["CloseBoundaryNotFoundDefect"]
+
+
+def test_message_cut_inside_an_attachment() -> None:
+    raw = mime(
+        "multipart/mixed; boundary=b",
+        "--b\nContent-Type: text/plain\n\nsee attached\n--b\nContent-Type: application/pdf\n"
+        f"Content-Transfer-Encoding: base64\nContent-Disposition: attachment; filename=cut.pdf\n\n{PDF_B64}",
+    )[:-5000]
+    record = normalize_email(raw, truncated_fetch=True)
+    assert record["content"] == "see attached"
+    assert record["attachments"] == [{"filename": "cut.pdf", "content_type": "application/pdf", "size": 6541}]
+    assert record["parse_defects"] == ["CloseBoundaryNotFoundDefect"]
+
+
+def test_close_boundary_before_any_part() -> None:
+    raw = mime("multipart/mixed; boundary=b", "preamble text\n--b--\nepilogue\n")
+    record = normalize_email(raw)
+    assert record["content"] == "preamble text"
+    assert record["parse_defects"] == ["StartBoundaryNotFoundDefect", "MultipartInvariantViolationDefect"]
+
+
+def test_multipart_without_boundary_parameter_is_text() -> None:
+    record = normalize_email(mime("multipart/mixed", "--b\n\ntext\n--b--\n"))
+    assert record["content"] == "--b\n\ntext\n--b--"
+    assert record["parse_defects"] == ["NoBoundaryInMultipartDefect", "MultipartInvariantViolationDefect"]
+
+
+@pytest.mark.parametrize("eol", ["\r", "mixed"])
+def test_multipart_with_cr_or_mixed_line_endings(eol: str) -> None:
+    body = (
+        "--b\nContent-Type: text/html\n\n<p>html first</p>\n"
+        "--b\nContent-Type: text/plain\n\nline one\nline two\n--b--\n"
+    )
+    if eol == "mixed":
+        raw = mime("multipart/alternative; boundary=b", body).replace(b"line one\n", b"line one\r")
+        raw = raw.replace(b"--b\nContent-Type: text/plain\n\n", b"--b\r\nContent-Type: text/plain\r\r\n")
+    else:
+        raw = mime("multipart/alternative; boundary=b", body, eol="\r")
+    record = normalize_email(raw)
+    assert (record["content"], record["attachments"], record["parse_defects"]) == ("line one\nline two", [], [])
+
+
+def test_outer_boundary_ends_an_unclosed_inner_multipart() -> None:
+    raw = mime(
+        "multipart/mixed; boundary=outer",
+        "--outer\nContent-Type: multipart/alternative; boundary=outer-inner\n\n"
+        "--outer-inner\nContent-Type: text/plain\n\ninner plain\n"
+        "--outer\nContent-Type: application/zip\nContent-Disposition: attachment; filename=z.zip\n"
+        "Content-Transfer-Encoding: base64\n\nUEsDBA==\n--outer--\n",
+    )
+    record = normalize_email(raw)
+    assert record["content"] == "inner plain"
+    assert record["attachments"] == [{"filename": "z.zip", "content_type": "application/zip", "size": 4}]
+    assert record["parse_defects"] == ["CloseBoundaryNotFoundDefect"]
+
+
+def test_inner_multipart_reusing_the_outer_boundary() -> None:
+    # The outer multipart claims every "--b" line, so the inner one is empty.
+    raw = mime(
+        "multipart/mixed; boundary=b",
+        "--b\nContent-Type: multipart/alternative; boundary=b\n\n--b\nContent-Type: text/plain\n\ninner\n--b--\n--b--\n",
+    )
+    record = normalize_email(raw)
+    assert (record["content"], record["attachments"]) == ("", [])
+    assert record["parse_defects"] == ["StartBoundaryNotFoundDefect"]
+
+
+def test_consecutive_boundary_lines_enclose_no_part() -> None:
+    raw = mime(
+        "multipart/mixed; boundary=b",
+        "--b\n--b\nContent-Type: text/plain\n\nafter doubled\n"
+        "--b\n--b--\nContent-Type: text/csv\nContent-Disposition: attachment; filename=x.csv\n\na,b\n--b--\n",
+    )
+    record = normalize_email(raw)
+    assert record["content"] == "after doubled"
+    assert record["attachments"] == [{"filename": "x.csv", "content_type": "text/csv", "size": 3}]
+    assert record["parse_defects"] == []
+
+
+def test_part_without_headers_is_plain_text() -> None:
+    raw = mime("multipart/mixed; boundary=b", "--b\n\nno part headers\n--b\nContent-Type: text/html\n\n<b>x</b>\n--b--\n")
+    assert normalize_email(raw)["content"] == "no part headers"
+
+
+INNER = build(simple(Subject="Inner", Message_ID="<inner@x.example>"), "inner body\n", eol="\n").decode()
+
+
+def test_delivery_status_and_enclosed_message_are_attachments() -> None:
+    raw = mime(
+        "multipart/report; report-type=delivery-status; boundary=r",
+        "--r\nContent-Type: text/plain\n\nDelivery failed.\n"
+        "--r\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.example\n\n"
+        "Final-Recipient: rfc822; gone@example.com\nAction: failed\n"
+        f"--r\nContent-Type: message/rfc822\n\n{INNER}--r--\n",
+    )
+    record = normalize_email(raw)
+    assert record["content"] == "Delivery failed."
+    assert record["attachments"] == [
+        {"filename": None, "content_type": "message/delivery-status", "size": 92},
+        {"filename": None, "content_type": "message/rfc822", "size": 211},
+    ]
+    assert record["subject"] == "Quote request" and record["parse_defects"] == []
+
+
+def test_digest_parts_default_to_enclosed_messages() -> None:
+    raw = mime(
+        "multipart/digest; boundary=d",
+        f"--d\n\n{INNER}--d\nContent-Type: text/plain\n\ndigest text\n--d--\n",
+    )
+    record = normalize_email(raw)
+    assert record["content"] == "digest text"
+    assert record["attachments"] == [{"filename": None, "content_type": "message/rfc822", "size": 211}]
+
+
+def test_envelope_line_ending_the_header_block_starts_the_body() -> None:
+    record = normalize_email(b"Subject: s\nMessage-ID: <f@x.example>\nFrom someone\n\nbody\n", received_at=RECEIVED)
+    assert (record["subject"], record["content"]) == ("s", "From someone\nbody")
+    assert record["parse_defects"] == ["date:missing"]
+
+
 # --------------------------------------------------------------------------- corpus
 
 
