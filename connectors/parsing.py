@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.forkserver
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -74,6 +75,12 @@ class ParsePool:
     def __init__(self, workers: int):
         self.workers = max(1, workers)
         self.executor = self._start()
+        # The forkserver would otherwise start with the first batch; starting it
+        # now lets its start-up and imports overlap login and SEARCH.
+        try:
+            multiprocessing.forkserver.ensure_running()
+        except OSError:
+            pass  # the pool starts it on first use, and reports a failure then
 
     def _start(self) -> ProcessPoolExecutor:
         # forkserver: forking a process that runs threads (IMAP, the driver) is unsafe.

@@ -37,16 +37,7 @@ def parse_workers(settings: Settings) -> int:
 @contextmanager
 def parse_pool(settings: Settings) -> Iterator[ParsePool]:
     """Processes that parse mail, one per core unless configured."""
-    import multiprocessing.forkserver
-
     pool = ParsePool(parse_workers(settings))
-    # The forkserver (it preloads the parser, see ParsePool) would otherwise
-    # start with the first batch; start it now, in the background, so its
-    # start-up and imports overlap login and SEARCH. A no-op when it runs.
-    try:
-        multiprocessing.forkserver.ensure_running()
-    except OSError:
-        pass  # the pool starts it on first use, and reports a failure then
     try:
         yield pool
     finally:
