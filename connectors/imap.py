@@ -7,6 +7,8 @@ thread of its own; the event loop only awaits it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 import threading
 import time
@@ -66,6 +68,7 @@ class ImapConnector:
         self.max_batch_bytes = max_batch_bytes
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"imap-{config.name}")
         self._client: imapclient.IMAPClient | None = None
+        self._in_command = False
         self._log = log.bind(source=self.name)
         # OAuth2 mailboxes log in with a bearer token (SASL XOAUTH2); None: password.
         self._tokens = token_provider(config)
@@ -79,7 +82,15 @@ class ImapConnector:
         self._idle_warned = False
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args, **kwargs))
+        def run() -> Any:
+            # Set in the thread itself: a cancelled await does not stop the command.
+            self._in_command = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._in_command = False
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, run)
 
     # -- connection ------------------------------------------------------------
 
@@ -131,8 +142,14 @@ class ImapConnector:
 
     async def _drop(self) -> None:
         client, self._client = self._client, None
-        if client is not None:
-            await self._call(_quiet_close, client)
+        if client is None:
+            return
+        if self._in_command:
+            # A command is still under way in our thread (a slow fetch, a server that
+            # stopped answering): cut its socket, so the logout does not queue behind it.
+            with contextlib.suppress(Exception):
+                client.socket().shutdown(socket.SHUT_RDWR)
+        await self._call(_quiet_close, client)
 
     async def aclose(self) -> None:
         await self._drop()

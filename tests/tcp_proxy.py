@@ -2,7 +2,8 @@
 
 ``cut()`` closes the listener and every live connection (clients see the
 server hang up, then connections refused); ``restore()`` listens again on the
-same port. Threads, not asyncio, so it works beside any event loop.
+same port; ``stall()`` keeps connections open but forwards nothing (a server
+that stopped answering) until ``resume()``. Threads, not asyncio, so it works beside any event loop.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._live: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
 
     def __enter__(self) -> TcpProxy:
         self.restore()
@@ -38,8 +41,16 @@ class TcpProxy:
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
+    def stall(self) -> None:
+        """Forward nothing more, in either direction, while connections stay open."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     def cut(self) -> None:
         """Stop listening and hang up every connection."""
+        self._flowing.set()
         listener, self._listener = self._listener, None
         if listener is not None:
             _close(listener)
@@ -73,6 +84,7 @@ class TcpProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass

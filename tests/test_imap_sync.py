@@ -317,3 +317,25 @@ async def test_a_message_that_kills_a_parse_worker_is_skipped_and_the_pool_recov
     finally:
         pool.shutdown()
     assert await memory_store.records.count_documents({}) == 5
+
+
+async def test_closing_does_not_wait_for_a_server_that_stopped_answering(dovecot, imap_user):
+    """A stop (or a lease handed over) must not hang behind a command stuck in the mailbox's thread."""
+    import asyncio
+    import time
+
+    from tcp_proxy import TcpProxy
+
+    with TcpProxy(dovecot.host, dovecot.port) as proxy:
+        settings = settings_for(dovecot, imap_user, port=proxy.port, folders=["INBOX"], timeout="60s")
+        (connector,) = app.build_connectors(settings, None)
+        await connector.check()  # logged in through the proxy
+        proxy.stall()
+        batches = connector.batches({})
+        stuck = asyncio.ensure_future(anext(batches))
+        await asyncio.sleep(0.3)  # the NOOP that checks the connection is now waiting for an answer
+        assert not stuck.done()
+        started = time.monotonic()
+        stuck.cancel()  # as the runner does on a stop; the generator's cleanup drops the connection
+        await asyncio.wait_for(asyncio.gather(stuck, connector.aclose(), return_exceptions=True), 30)
+        assert time.monotonic() - started < 5  # not the 60 s socket timeout
