@@ -37,7 +37,8 @@ async def run_demo(out: TextIO) -> int:
     # Parsing inline keeps the demo instant; `run` uses a process pool.
     parser = app.mail_parser(settings, None, frozenset())
     connector = MboxConnector(mbox_path, parser, name="demo")
-    runner = Runner([connector], StoreSink(store), once=True)
+    sink = _CountingSink(store)
+    runner = Runner([connector], sink, once=True)
     ok = await runner.run()
 
     records = await store.records.count_documents({})
@@ -48,11 +49,27 @@ async def run_demo(out: TextIO) -> int:
     print(
         "commsync demo: in-memory store (memory://); nothing is kept after this command.\n"
         f"Imported {mbox_path.name}: {records} records ({unmatched} matched no customer), "
-        f"{len(histories)} customer histories.\n",
+        f"{len(histories)} customer histories."
+        + "".join(f"\nNot captured ({reason}): {n}" for reason, n in sorted(sink.not_captured.items()))
+        + "\n",
         file=out,
     )
     print(_table(histories, names), file=out)
     return 0 if ok else 1
+
+
+class _CountingSink(StoreSink):
+    """Adds up what the capture policy left out, to show it."""
+
+    def __init__(self, store: Any):
+        super().__init__(store)
+        self.not_captured: dict[str, int] = {}
+
+    async def write(self, source: str, batch: Any) -> Any:
+        result = await super().write(source, batch)
+        for reason, n in result.not_captured.items():
+            self.not_captured[reason] = self.not_captured.get(reason, 0) + n
+        return result
 
 
 def _table(histories: list[dict[str, Any]], names: dict[Any, str]) -> str:

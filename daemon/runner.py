@@ -52,7 +52,8 @@ class StoreSink:
     async def load_state(self, source: str) -> dict[str, dict[str, Any]]:
         return await self.store.load_state(source)
 
-    async def write(self, source: str, batch: Batch) -> None:
+    async def write(self, source: str, batch: Batch) -> Any:
+        """Store the batch; returns the store's BatchResult."""
         result = await self.store.write_batch(batch.records, drop_sources=batch.drop_sources)
         log.info(
             "batch_stored",
@@ -62,8 +63,10 @@ class StoreSink:
             new=result.inserted,
             customers=result.customers,
             skipped=batch.skipped,
+            not_captured=dict(result.not_captured) or None,
             round_trips=result.round_trips,
         )
+        return result
 
     async def save_checkpoint(self, source: str, stream: str, checkpoint: Mapping[str, Any]) -> None:
         await self.store.save_checkpoint(source, stream, checkpoint)

@@ -516,8 +516,7 @@ def _merge_duplicates(records: Iterable[Mapping[str, Any]]) -> dict[Any, dict[st
 
 
 def _not_captured(dropped: dict[str, int]) -> dict[str, int]:
-    if dropped:
-        log.info("records_not_captured", **dropped)
+    # Reported with the batch (the runner's batch_stored event names the source).
     return dropped
 
 
