@@ -128,6 +128,8 @@ class _Worker:
     next_poll: float = 0.0
     status_written: float = 0.0
     started: bool = False
+    # Whether the last pass read its source to the end (not halted, no lease lost).
+    complete: bool = False
 
     @property
     def name(self) -> str:
@@ -326,12 +328,14 @@ class Runner:
                     return
                 await self._until(worker, asyncio.sleep(self._backoff(status.failures)))
             else:
-                status.passes += 1
                 status.records += stored
-                status.failures = 0
-                status.last_error = None
-                status.last_success = _now()
-                status.backlog = 0
+                if worker.complete:
+                    # A pass cut short (a stop, a lost lease) is no success: the source is not caught up.
+                    status.passes += 1
+                    status.failures = 0
+                    status.last_error = None
+                    status.last_success = _now()
+                    status.backlog = 0
                 status.state = "waiting"
                 self._notify("pass_succeeded", status)
                 await self._save_status(worker, force=True)
@@ -345,6 +349,7 @@ class Runner:
     async def run_pass(self, connector: Connector, worker: _Worker | None = None) -> int:
         """Read every new batch of one source; store each, then checkpoint it. Returns records stored."""
         worker = worker or self._workers.get(connector.name) or _Worker(connector, 0, self._stop)
+        worker.complete = False
         stored = 0
         state = await self.sink.load_state(connector.name)
         batches = connector.batches(state)
@@ -352,6 +357,7 @@ class Runner:
             while not self._halted(worker):
                 batch = await self._next(batches, worker)
                 if batch is None:
+                    worker.complete = not self._halted(worker)
                     break
                 if self.leases is not None and not self.leases.holds(connector.name):
                     # Our lease ran out (a stall): another instance may own the source

@@ -123,6 +123,8 @@ async def test_stop_finishes_the_batch_in_hand_and_checkpoints_it(memory_store):
     assert await asyncio.wait_for(runner.run(), 5) is True
     assert await memory_store.records.count_documents({}) == 3
     assert await memory_store.load_state("a") == {"s": {"done": 3}}
+    # Cut short, so not a successful pass: `commsync status` must not say the source is caught up.
+    assert runner.status["a"].last_success is None and runner.status["a"].records == 3
 
 
 async def test_dry_run_prints_json_lines_and_keeps_no_state():
