@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 
 import pytest
@@ -41,3 +42,13 @@ async def memory_store():
     await s.ensure_indexes()
     yield s
     s.close()
+
+
+@pytest.fixture
+def notify_socket():
+    """A datagram socket in the abstract namespace, as systemd's NOTIFY_SOCKET: (address, socket)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(b"\0" + f"commsync-test-{uuid.uuid4().hex}".encode())
+    sock.settimeout(5)
+    yield "@" + sock.getsockname()[1:].decode(), sock
+    sock.close()

@@ -538,21 +538,12 @@ class DovecotServer:
     def client(self, user: str, password: str | None = None, *,
                timeout: float = 10.0) -> IMAPClient:
         """A logged-in IMAPClient on the plain (non-TLS) port."""
-        if password is None:
-            password = self.users[user]
         c = IMAPClient(self.host, port=self.port, ssl=False, timeout=timeout)
-        try:
-            c.login(user, password)
-        except BaseException:
-            c.shutdown()
-            raise
-        return c
+        return self._login(c, user, password)
 
     def tls_client(self, user: str, password: str | None = None, *,
                    starttls: bool = False, timeout: float = 10.0) -> IMAPClient:
         """A logged-in IMAPClient over IMAPS (or STARTTLS), verified against ca_file."""
-        if password is None:
-            password = self.users[user]
         ctx = ssl.create_default_context(cafile=self.ca_file)
         if starttls:
             c = IMAPClient(self.host, port=self.port, ssl=False, timeout=timeout)
@@ -560,8 +551,11 @@ class DovecotServer:
         else:
             c = IMAPClient(self.host, port=self.tls_port, ssl=True,
                            ssl_context=ctx, timeout=timeout)
+        return self._login(c, user, password)
+
+    def _login(self, c: IMAPClient, user: str, password: str | None) -> IMAPClient:
         try:
-            c.login(user, password)
+            c.login(user, self.users[user] if password is None else password)
         except BaseException:
             c.shutdown()
             raise

@@ -24,16 +24,6 @@ def listener(tmp_path):
     os.unlink(path)
 
 
-@pytest.fixture
-def abstract_listener():
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    name = f"commsync-test-{uuid.uuid4().hex}"
-    sock.bind(b"\0" + name.encode())
-    sock.settimeout(5)
-    yield "@" + name, sock
-    sock.close()
-
-
 def test_ready_and_status_reach_a_filesystem_socket(listener):
     address, sock = listener
     notifier = Notifier({"NOTIFY_SOCKET": address})
@@ -46,8 +36,8 @@ def test_ready_and_status_reach_a_filesystem_socket(listener):
     notifier.close()
 
 
-def test_abstract_namespace_address(abstract_listener):
-    address, sock = abstract_listener
+def test_abstract_namespace_address(notify_socket):
+    address, sock = notify_socket
     notifier = Notifier({"NOTIFY_SOCKET": address})
     assert notifier.watchdog()
     assert sock.recv(4096) == b"WATCHDOG=1"
@@ -74,8 +64,8 @@ def test_watchdog_interval_and_pid():
     assert Notifier({"WATCHDOG_USEC": "0"}).watchdog_interval is None
 
 
-async def test_watchdog_loop_pings_from_the_event_loop(abstract_listener):
-    address, sock = abstract_listener
+async def test_watchdog_loop_pings_from_the_event_loop(notify_socket):
+    address, sock = notify_socket
     sock.setblocking(False)
     notifier = Notifier({"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "100000"})
     task = asyncio.create_task(notifier.watchdog_loop())

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -120,17 +119,6 @@ def write_config(path: Path, mailboxes: list[dict], **top) -> Path:
     return path
 
 
-@pytest.fixture
-def notify_socket():
-    """A datagram socket in the abstract namespace, as systemd's NOTIFY_SOCKET."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    name = f"commsync-test-{uuid.uuid4().hex}"
-    sock.bind(b"\0" + name.encode())
-    sock.settimeout(0.5)
-    yield "@" + name, sock
-    sock.close()
-
-
 def receive_until(sock, wanted, timeout: float = 30) -> list[bytes]:
     """Every datagram until one contains ``wanted`` (a bytes line)."""
     got = []
@@ -191,6 +179,7 @@ def test_ready_watchdog_status_and_stopping_reach_notify_socket(dovecot, imap_us
 
 def test_no_ready_while_mongodb_is_unreachable(dovecot, imap_user, tmp_path, notify_socket):
     address, sock = notify_socket
+    sock.settimeout(0.5)  # below: read until the daemon has gone quiet
     config = write_config(
         tmp_path / "c.yaml",
         [mailbox(dovecot, imap_user, "m")],
