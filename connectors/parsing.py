@@ -91,6 +91,10 @@ class ParsePool:
     def replace(self, broken: ProcessPoolExecutor) -> None:
         """Start a fresh pool if ``broken`` is still the current one."""
         if self.executor is broken:
+            # Before Python 3.12 a broken pool does not stop its surviving workers, and
+            # its manager thread waits for them forever (at exit too): end them here.
+            for process in list((getattr(broken, "_processes", None) or {}).values()):
+                process.kill()
             broken.shutdown(wait=False, cancel_futures=True)
             self.executor = self._start()
 
