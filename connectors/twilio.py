@@ -303,12 +303,18 @@ class TwilioConnector:
         for address in unreadable_numbers(record):
             self._log.info("number_kept_as_written", sid=record["_id"], number=address)
 
-    async def _messages(self, checkpoint: Mapping[str, Any] | None) -> AsyncIterator[Batch]:
+    async def _open(self, list_name: str, date_filter: str, checkpoint: Mapping[str, Any] | None) -> tuple[Window, Any, Any]:
+        """The window to read, the account, and a call that fetches the list's first page within it."""
         window = Window.open(checkpoint, since=self.config.since, lookback=self.config.lookback)
         after, before = window.day_filters()
-        query = {"page_size": self.config.page_size, "date_sent_after": after, "date_sent_before": before}
+        query = {"page_size": self.config.page_size, f"{date_filter}_after": after, f"{date_filter}_before": before}
+        query = {k: v for k, v in query.items() if v is not None}
         account = await self._call(self._account)
-        first = lambda: account.messages.page(**{k: v for k, v in query.items() if v is not None})  # noqa: E731
+        resource = getattr(account, list_name)
+        return window, account, lambda: resource.page(**query)
+
+    async def _messages(self, checkpoint: Mapping[str, Any] | None) -> AsyncIterator[Batch]:
+        window, account, first = await self._open("messages", "date_sent", checkpoint)
         pages = self._pager("list messages", first, "messages")
         try:
             while (page := await pages.next()) is not None:
@@ -342,11 +348,7 @@ class TwilioConnector:
             await pages.aclose()
 
     async def _calls(self, checkpoint: Mapping[str, Any] | None) -> AsyncIterator[Batch]:
-        window = Window.open(checkpoint, since=self.config.since, lookback=self.config.lookback)
-        after, before = window.day_filters()
-        query = {"page_size": self.config.page_size, "start_time_after": after, "start_time_before": before}
-        account = await self._call(self._account)
-        first = lambda: account.calls.page(**{k: v for k, v in query.items() if v is not None})  # noqa: E731
+        window, account, first = await self._open("calls", "start_time", checkpoint)
         recordings = RecordingFeed(self, account, window)
         legs = LegGroups()
         pages = self._pager("list calls", first, "calls")

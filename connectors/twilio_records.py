@@ -79,13 +79,19 @@ def parse_time(value: Any, what: str) -> datetime | None:
     return parsed.replace(microsecond=parsed.microsecond // 1000 * 1000)
 
 
-def parse_call(item: Any) -> Call:
-    """Validate one item of a Calls list; raise Malformed with the reason."""
+def _sid(item: Any, kind: str) -> str:
+    """The item's SID, checked: every list item must be an object with a SID of its kind."""
     if not isinstance(item, Mapping):
         raise Malformed("not an object")
     sid = item.get("sid")
-    if not isinstance(sid, str) or not _SID["call"].match(sid):
-        raise Malformed("no valid call sid")
+    if not isinstance(sid, str) or not _SID[kind].match(sid):
+        raise Malformed(f"no valid {kind} sid")
+    return sid
+
+
+def parse_call(item: Any) -> Call:
+    """Validate one item of a Calls list; raise Malformed with the reason."""
+    sid = _sid(item, "call")
     status = item.get("status")
     if status not in CALL_FINAL and status not in CALL_OPEN:
         raise Malformed(f"unknown call status {str(status)[:40]!r}")
@@ -237,11 +243,7 @@ def message_channel(item: Mapping[str, Any]) -> str:
 
 def message_record(item: Any, opts: Options) -> dict[str, Any] | None:
     """One message as a record; None while it has not been sent; Malformed when it cannot be read."""
-    if not isinstance(item, Mapping):
-        raise Malformed("not an object")
-    sid = item.get("sid")
-    if not isinstance(sid, str) or not _SID["message"].match(sid):
-        raise Malformed("no valid message sid")
+    sid = _sid(item, "message")
     twilio_direction = item.get("direction")
     if twilio_direction not in INBOUND and twilio_direction not in OUTBOUND:
         raise Malformed(f"unknown message direction {str(twilio_direction)[:40]!r}")
