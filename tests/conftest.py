@@ -1,37 +1,92 @@
-"""Shared fixtures: the store (mongomock, and real MongoDB when given), Dovecot, sample records."""
+"""Shared fixtures: stores on mongomock and on a real MongoDB server, Dovecot, sample records.
+
+The real server is SecantusDB, started once per session on 127.0.0.1 (see
+mongo_server.py), or whatever ``COMMSYNC_TEST_MONGODB_URI`` names (a real
+mongod). Store tests take the ``store`` fixture and run on both, with ids
+``[mongomock]`` and ``[real]``; tests that only a server can answer take
+``real_store`` or ``mongodb``.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 
 import pytest
 
 from commsync.daemon.store import Store, patch_mongomock
 from dovecot import dovecot, imap_user  # noqa: F401  (session Dovecot and a fresh user per test)
+from mongo_server import EXTERNAL_URI, MongoTestServer, is_secantus, server_binary
 
 # The test double, not the product's driver, bends: mongomock 4.3's bulk builder
 # rejects the `sort` keyword that pymongo >= 4.11 passes for UpdateOne/ReplaceOne.
 patch_mongomock()
 
-MONGODB_URI = os.environ.get("COMMSYNC_TEST_MONGODB_URI")
+
+@dataclass(frozen=True)
+class MongoDB:
+    """The session's real server: its URI, and the process when the tests own it."""
+
+    uri: str
+    server: MongoTestServer | None
+    secantus: bool
+
+    def database(self) -> str:
+        return f"commsync_test_{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=["mongomock", "mongodb"])
-async def store(request):
-    """The same store tests on mongomock and, when COMMSYNC_TEST_MONGODB_URI is set, a real server."""
-    if request.param == "mongomock":
-        uri = "memory://"
-    elif MONGODB_URI:
-        uri = MONGODB_URI
-    else:
-        pytest.skip("real MongoDB: set COMMSYNC_TEST_MONGODB_URI to run the store tests against a server")
+@pytest.fixture(scope="session")
+def mongodb():
+    """A real MongoDB server for the whole session (fails under CI when none can start)."""
+    if EXTERNAL_URI:
+        yield MongoDB(EXTERNAL_URI, None, is_secantus(EXTERNAL_URI))
+        return
+    if server_binary() is None:
+        msg = "real MongoDB server unavailable: secantusd-py not installed (pip install -e '.[test]')"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " -- required when CI is set", pytrace=False)
+        pytest.skip(msg)
+    server = MongoTestServer()
+    server.start()
+    try:
+        yield MongoDB(server.uri, server, True)
+    finally:
+        server.close()
+
+
+@pytest.fixture(params=["mongomock", "real"])
+def db_config(request):
+    """``mongodb:`` settings of a fresh database, on mongomock and on the real server."""
     name = f"commsync_test_{uuid.uuid4().hex[:12]}"
-    s = Store.connect(uri, name)
+    if request.param == "mongomock":
+        return {"uri": "memory://", "database": name}
+    return {"uri": request.getfixturevalue("mongodb").uri, "database": name, "server_selection_timeout": "10s"}
+
+
+async def _open(config):
+    s = Store.connect(config["uri"], config["database"])
     await s.ensure_indexes()
+    return s
+
+
+@pytest.fixture
+async def store(db_config):
+    """A fresh store, once on mongomock and once on the real server."""
+    s = await _open(db_config)
     yield s
-    await s.client.drop_database(name)
+    await s.client.drop_database(db_config["database"])
+    s.close()
+
+
+@pytest.fixture
+async def real_store(mongodb):
+    """A fresh store on the real server only (validators, explain, collMod, change streams)."""
+    config = {"uri": mongodb.uri, "database": mongodb.database()}
+    s = await _open(config)
+    yield s
+    await s.client.drop_database(config["database"])
     s.close()
 
 

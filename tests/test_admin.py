@@ -8,6 +8,7 @@ import io
 import json
 from datetime import datetime, timedelta
 
+import pymongo.errors
 import pytest
 from jsonschema import Draft4Validator, validators
 
@@ -55,16 +56,16 @@ async def test_delete_of_a_customers_last_records_removes_its_history(store):
     await assert_histories_are_rebuild(store)
 
 
-async def test_delete_walks_large_selections_in_chunks(memory_store, monkeypatch):
+async def test_delete_walks_large_selections_in_chunks(store, monkeypatch):
     monkeypatch.setattr(admin, "CHUNK", 7)
-    await memory_store.customers.insert_one({"_id": "c-alice", "emails": [ALICE]})
-    await memory_store.write_batch([email_record(f"m{i}@x", ALICE, at=T0 + hours(i), uid=i) for i in range(30)])
-    await memory_store.write_batch([email_record("keep@x", BOB, at=T0)])
-    done = await admin.delete(memory_store, queries.query(queries.Filters(customer=("c-alice",))))
+    await store.customers.insert_one({"_id": "c-alice", "emails": [ALICE]})
+    await store.write_batch([email_record(f"m{i}@x", ALICE, at=T0 + hours(i), uid=i) for i in range(30)])
+    await store.write_batch([email_record("keep@x", BOB, at=T0)])
+    done = await admin.delete(store, queries.query(queries.Filters(customer=("c-alice",))))
     assert done == admin.Selection(30, 1)
-    assert await record_ids(memory_store) == ["keep@x"]
-    assert await memory_store.tombstones.count_documents({}) == 30
-    assert await memory_store.history.count_documents({}) == 0
+    assert await record_ids(store) == ["keep@x"]
+    assert await store.tombstones.count_documents({}) == 30
+    assert await store.history.count_documents({}) == 0
 
 
 # -- forget -------------------------------------------------------------------------------------
@@ -94,28 +95,28 @@ async def test_forget_removes_the_customer_everywhere_and_suppresses_their_addre
     assert await store.records.count_documents({"customer_ids": "c-alice"}) == 0
 
 
-async def test_forget_keep_orphans_and_auto_created_customers(memory_store):
-    memory_store.capture = policy.from_settings(settings(customers={"auto_create": "sent"}))
-    await memory_store.write_batch([email_record("o1@x", "dave@client.example", direction="outbound"), email_record("o2@x", "dave@client.example")])
-    assert await memory_store.customers.count_documents({"_id": "commsync:dave@client.example"}) == 1
-    report = await admin.forget(memory_store, "commsync:dave@client.example", keep_orphans=True, extra=["+1 415 555 0100"])
+async def test_forget_keep_orphans_and_auto_created_customers(store):
+    store.capture = policy.from_settings(settings(customers={"auto_create": "sent"}))
+    await store.write_batch([email_record("o1@x", "dave@client.example", direction="outbound"), email_record("o2@x", "dave@client.example")])
+    assert await store.customers.count_documents({"_id": "commsync:dave@client.example"}) == 1
+    report = await admin.forget(store, "commsync:dave@client.example", keep_orphans=True, extra=["+1 415 555 0100"])
     assert (report.deleted, report.unlinked, report.suppressed) == (0, 2, 2)
     assert report.customer_deleted  # commsync made it, so it goes
-    for doc in await memory_store.records.find().to_list(None):
+    for doc in await store.records.find().to_list(None):
         assert doc["customer_ids"] == [] and "dave@client.example" not in {p["address"] for p in doc["participants"]}
     # The extra number given to forget is suppressed too.
-    result = await memory_store.write_batch([phone_record("SM9", "sms", T0)])
+    result = await store.write_batch([phone_record("SM9", "sms", T0)])
     assert dict(result.not_captured) == {"suppressed": 1}
 
 
-async def test_forget_of_an_unknown_customer_only_unlinks(memory_store):
-    await seed(memory_store)
-    await memory_store.customers.delete_one({"_id": "c-bob"})  # the CRM deleted it first
-    report = await admin.forget(memory_store, "c-bob")
+async def test_forget_of_an_unknown_customer_only_unlinks(store):
+    await seed(store)
+    await store.customers.delete_one({"_id": "c-bob"})  # the CRM deleted it first
+    report = await admin.forget(store, "c-bob")
     assert not report.found and report.suppressed == 0
-    assert await memory_store.records.count_documents({"customer_ids": "c-bob"}) == 0
-    assert await memory_store.history.count_documents({"_id": "c-bob"}) == 0
-    await assert_histories_are_rebuild(memory_store)
+    assert await store.records.count_documents({"customer_ids": "c-bob"}) == 0
+    assert await store.history.count_documents({"_id": "c-bob"}) == 0
+    await assert_histories_are_rebuild(store)
 
 
 # -- retention ------------------------------------------------------------------------------------
@@ -167,24 +168,24 @@ async def test_rematch_after_removing_an_address(store):
     await assert_histories_are_rebuild(store)
 
 
-async def test_rematch_everything_and_unmatched_only(memory_store, monkeypatch):
+async def test_rematch_everything_and_unmatched_only(store, monkeypatch):
     monkeypatch.setattr(admin, "CHUNK", 3)
-    await seed(memory_store)
-    await memory_store.customers.insert_one({"_id": "c-new", "emails": [STRANGER.upper()]})
-    report = await admin.rematch_unmatched(memory_store, customers_per_query=2)
+    await seed(store)
+    await store.customers.insert_one({"_id": "c-new", "emails": [STRANGER.upper()]})
+    report = await admin.rematch_unmatched(store, customers_per_query=2)
     assert (report.examined, report.relinked) == (1, 1)
-    assert (await memory_store.records.find_one({"_id": "e5@x"}))["customer_ids"] == ["c-new"]
-    await memory_store.customers.update_one({"_id": "c-alice"}, {"$set": {"emails": []}})
-    report = await admin.rematch(memory_store)
+    assert (await store.records.find_one({"_id": "e5@x"}))["customer_ids"] == ["c-new"]
+    await store.customers.update_one({"_id": "c-alice"}, {"$set": {"emails": []}})
+    report = await admin.rematch(store)
     assert report.examined == 7 and report.relinked == 3
-    await assert_histories_are_rebuild(memory_store)
+    await assert_histories_are_rebuild(store)
 
 
 # -- customers import --------------------------------------------------------------------------------
 
 
-async def test_import_customers_from_csv_and_json_lines(memory_store, tmp_path):
-    await memory_store.write_batch(seed_records())  # captured before any customer existed
+async def test_import_customers_from_csv_and_json_lines(store, tmp_path):
+    await store.write_batch(seed_records())  # captured before any customer existed
     table = tmp_path / "customers.csv"
     table.write_text(
         "id,name,emails,phones\n"
@@ -194,16 +195,16 @@ async def test_import_customers_from_csv_and_json_lines(memory_store, tmp_path):
         ",No Id,x@example.com,\n",
         encoding="utf-8",
     )
-    memory_store.default_region = "US"
-    report = await admin.import_customers(memory_store, admin.read_customers(table, region="US"))
+    store.default_region = "US"
+    report = await admin.import_customers(store, admin.read_customers(table, region="US"))
     assert (report.inserted, report.updated) == (2, 0)
     assert report.rejected == [(4, "'not-an-address' is not an email address"), (5, "no id")]
-    alice = await memory_store.customers.find_one({"_id": "c-alice"})
+    alice = await store.customers.find_one({"_id": "c-alice"})
     assert alice["emails"] == ["alice@example.com", "ali@example.com"] and alice["created_by"] == "commsync" and alice["origin"] == "import"
-    assert (await memory_store.customers.find_one({"_id": "c-bob"}))["phones"] == ["+14155550100"]
+    assert (await store.customers.find_one({"_id": "c-bob"}))["phones"] == ["+14155550100"]
     # The records that involve them are linked now.
     assert report.rematch.relinked == 6
-    assert (await memory_store.history.find_one({"_id": "c-bob"}))["total"] == 4
+    assert (await store.history.find_one({"_id": "c-bob"}))["total"] == 4
 
     lines = tmp_path / "more.jsonl"
     lines.write_text(
@@ -212,13 +213,13 @@ async def test_import_customers_from_csv_and_json_lines(memory_store, tmp_path):
         + "{broken\n",
         encoding="utf-8",
     )
-    report = await admin.import_customers(memory_store, admin.read_customers(lines))
+    report = await admin.import_customers(store, admin.read_customers(lines))
     assert (report.inserted, report.updated, [r[0] for r in report.rejected]) == (1, 1, [4])
-    bob = await memory_store.customers.find_one({"_id": "c-bob"})
+    bob = await store.customers.find_one({"_id": "c-bob"})
     assert bob["name"] == "Robert Sample" and bob["phones"] == [] and bob["origin"] == "import"
-    assert (await memory_store.records.find_one({"_id": "e5@x"}))["customer_ids"] == [7]
-    assert sorted((await memory_store.records.find_one({"_id": "CA0001"}))["customer_ids"]) == []  # Bob's number was removed
-    await assert_histories_are_rebuild(memory_store)
+    assert (await store.records.find_one({"_id": "e5@x"}))["customer_ids"] == [7]
+    assert sorted((await store.records.find_one({"_id": "CA0001"}))["customer_ids"]) == []  # Bob's number was removed
+    await assert_histories_are_rebuild(store)
 
 
 # -- export ------------------------------------------------------------------------------------------------
@@ -244,11 +245,11 @@ async def observed(store, q, produced):
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
-async def test_export_streams_one_record_at_a_time(memory_store, fmt):
-    await memory_store.write_batch([email_record(f"m{i:04d}@x", ALICE, at=T0 + hours(i), uid=i) for i in range(1500)])
+async def test_export_streams_one_record_at_a_time(store, fmt):
+    await store.write_batch([email_record(f"m{i:04d}@x", ALICE, at=T0 + hours(i), uid=i) for i in range(1500)])
     produced = [0]
     out = Recorder(produced)
-    n = await admin.export(observed(memory_store, {}, produced), out, fmt)
+    n = await admin.export(observed(store, {}, produced), out, fmt)
     assert n == 1500
     rows = out.writes[1:] if fmt == "csv" else out.writes  # CSV starts with its header, before any record
     # Each record is written as soon as it is read: never more than one in hand, never all at the end.
@@ -296,19 +297,19 @@ def errors(validator, doc):
     return [e.message for e in validator.iter_errors(doc)]
 
 
-async def test_stored_records_and_histories_satisfy_the_validators(memory_store):
-    await seed(memory_store)
+async def test_stored_records_and_histories_satisfy_the_validators(store):
+    await seed(store)
     corpus = sorted(CORPUS.glob("*.eml")) if CORPUS.is_dir() else []
     parsed = [normalize_email(p.read_bytes()) for p in corpus]
     for n, record in enumerate(parsed):
         record["sources"] = [{"kind": "mbox", "source": "corpus", "file": "corpus.mbox", "index": n}]
-    memory_store.capture = policy.CapturePolicy()
-    await memory_store.write_batch(parsed)
-    docs = await memory_store.records.find().to_list(None)
+    store.capture = policy.CapturePolicy()
+    await store.write_batch(parsed)
+    docs = await store.records.find().to_list(None)
     assert len(docs) >= 7 + (100 if corpus else 0)
     for doc in docs:
         assert errors(RECORDS, doc) == [], doc["_id"]
-    histories = await memory_store.history.find().to_list(None)
+    histories = await store.history.find().to_list(None)
     assert histories
     for doc in histories:
         assert errors(HISTORIES, doc) == [], doc["_id"]
@@ -326,14 +327,52 @@ async def test_stored_records_and_histories_satisfy_the_validators(memory_store)
         ({"_id": 12}, "is not of type 'string'"),
     ],
 )
-async def test_validators_reject_malformed_records(memory_store, change, complaint):
-    await memory_store.write_batch([email_record("ok@x")])
-    doc = await memory_store.records.find_one({"_id": "ok@x"})
+async def test_validators_reject_malformed_records(store, change, complaint):
+    await store.write_batch([email_record("ok@x")])
+    doc = await store.records.find_one({"_id": "ok@x"})
     assert errors(RECORDS, doc) == []
     bad = {**doc, **change}
     assert any(complaint in e for e in errors(RECORDS, bad)), errors(RECORDS, bad)
     missing = {k: v for k, v in doc.items() if k != "occurred_at"}
     assert errors(RECORDS, missing) == ["'occurred_at' is a required property"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"occurred_at": "2025-03-01"}, {"channel": "fax"}, {"direction": "sideways"}, {"participants": [{"role": "from", "internal": False}]}, {"_id": 12}],
+    ids=["date", "channel", "direction", "participant", "id"],
+)
+async def test_the_server_enforces_the_validators_on_insert_and_update(real_store, change):
+    """What the jsonschema checks above promise, the server refuses (code 121), on insert and on update."""
+    assert await real_store.init_db() is True
+    await real_store.write_batch([email_record("ok@x")])
+    doc = await real_store.records.find_one({"_id": "ok@x"})
+    bad = {**doc, "_id": "bad@x", **change}
+    with pytest.raises(pymongo.errors.WriteError) as refused:
+        await real_store.records.insert_one(bad)
+    assert refused.value.code == 121
+    if "_id" not in change:
+        with pytest.raises(pymongo.errors.WriteError) as refused:
+            await real_store.records.update_one({"_id": "ok@x"}, {"$set": change})
+        assert refused.value.code == 121
+    assert await real_store.records.count_documents({}) == 1
+    # A history the contract does not allow is refused too.
+    with pytest.raises(pymongo.errors.WriteError):
+        await real_store.history.insert_one({"_id": "c1", "total": "many"})
+
+
+async def test_validators_go_onto_existing_collections_through_collmod(real_store):
+    """Collections made before init-db (an older version, a CRM) get the validators too, and init-db is idempotent."""
+    await real_store.records.insert_one({"_id": "legacy", "note": "written before the contract"})
+    assert await real_store.init_db() is True
+    assert await real_store.init_db() is True
+    options = {c["name"]: c["options"] async for c in await real_store.db.list_collections()}
+    assert options["records"]["validationLevel"] == "moderate" and "$jsonSchema" in options["records"]["validator"]
+    assert "$jsonSchema" in options["customer_history"]["validator"]
+    # moderate: the invalid legacy document may still be updated; a new invalid one is refused.
+    await real_store.records.update_one({"_id": "legacy"}, {"$set": {"note": "touched"}})
+    with pytest.raises(pymongo.errors.WriteError):
+        await real_store.records.insert_one({"_id": "new", "note": "not a record"})
 
 
 def test_validators_reject_malformed_histories():
@@ -379,10 +418,10 @@ def test_schedule_runs_each_job_at_its_interval():
     assert "purge" not in maintenance.schedule_for(settings()).every  # no retention, no purge
 
 
-async def test_maintenance_loop_purges_and_rematches_then_stops(memory_store):
+async def test_maintenance_loop_purges_and_rematches_then_stops(store):
     now = now_utc()
-    await memory_store.write_batch([email_record("old@x", ALICE, at=now - timedelta(days=90)), email_record("new@x", ALICE, at=now)])
-    await memory_store.customers.insert_one({"_id": "c-alice", "emails": [ALICE]})
+    await store.write_batch([email_record("old@x", ALICE, at=now - timedelta(days=90)), email_record("new@x", ALICE, at=now)])
+    await store.customers.insert_one({"_id": "c-alice", "emails": [ALICE]})
     stop = asyncio.Event()
     passes = []
 
@@ -390,14 +429,14 @@ async def test_maintenance_loop_purges_and_rematches_then_stops(memory_store):
         passes.append(ran)
         stop.set()
 
-    await maintenance.maintenance_loop(memory_store, settings(retention={"days": 30}), stop, on_pass=on_pass)
+    await maintenance.maintenance_loop(store, settings(retention={"days": 30}), stop, on_pass=on_pass)
     assert passes == [["purge", "rematch"]]
-    assert await record_ids(memory_store) == ["new@x"]
-    assert (await memory_store.records.find_one({"_id": "new@x"}))["customer_ids"] == ["c-alice"]
-    assert (await memory_store.history.find_one({"_id": "c-alice"}))["total"] == 1
+    assert await record_ids(store) == ["new@x"]
+    assert (await store.records.find_one({"_id": "new@x"}))["customer_ids"] == ["c-alice"]
+    assert (await store.history.find_one({"_id": "c-alice"}))["total"] == 1
 
 
-async def test_a_failing_job_does_not_stop_the_loop(memory_store, monkeypatch):
+async def test_a_failing_job_does_not_stop_the_loop(store, monkeypatch):
     async def broken(*args, **kwargs):
         raise RuntimeError("injected")
 
@@ -409,12 +448,12 @@ async def test_a_failing_job_does_not_stop_the_loop(memory_store, monkeypatch):
         passes.append(ran)
         stop.set()
 
-    await maintenance.maintenance_loop(memory_store, settings(), stop, on_pass=on_pass)
+    await maintenance.maintenance_loop(store, settings(), stop, on_pass=on_pass)
     assert passes == [["rematch"]]
 
 
-async def test_upkeep_stops_with_the_daemon(memory_store):
-    upkeep = maintenance.start(memory_store, settings())
+async def test_upkeep_stops_with_the_daemon(store):
+    upkeep = maintenance.start(store, settings())
     await asyncio.sleep(0)
     await upkeep.stop(grace=5)
     assert upkeep._task.done() and not upkeep._task.cancelled()

@@ -11,6 +11,7 @@ import pytest
 from commsync.config import settings_from_dict
 from commsync.daemon import admin_cli
 from commsync.daemon.cli import _parser, main
+from commsync.daemon.store import Store
 from records import T0, email_record
 from seed import ALICE, seed
 
@@ -36,9 +37,9 @@ class Run:
 
 
 @pytest.fixture
-async def run(memory_store):
-    await seed(memory_store)
-    return Run(memory_store)
+async def run(store):
+    await seed(store)
+    return Run(store)
 
 
 async def test_records_list_table(run):
@@ -164,15 +165,15 @@ async def test_customers_import(run, tmp_path):
     assert (await run("customers", "import", str(tmp_path / "missing.csv")))[0] == 2
 
 
-async def test_purge(memory_store):
-    run = Run(memory_store, retention={"days": 30})
-    await seed(memory_store)  # all in March 2025: older than 30 days
+async def test_purge(store):
+    run = Run(store, retention={"days": 30})
+    await seed(store)  # all in March 2025: older than 30 days
     code, out, _ = await run("purge", "--dry-run")
     assert code == 0 and out.startswith("would delete 7 records older than 30 days")
     code, out, _ = await run("purge")
     assert code == 0 and out == "purged 7 records older than 30 days; histories of 2 customers recomputed\n"
-    assert await memory_store.history.count_documents({}) == 0
-    code, _, err = await Run(memory_store)("purge")
+    assert await store.history.count_documents({}) == 0
+    code, _, err = await Run(store)("purge")
     assert code == 2 and "retention.days is not set" in err
 
 
@@ -183,13 +184,23 @@ async def test_rematch_and_init_db(run):
     code, out, _ = await run("rematch")
     assert code == 0 and out.startswith("examined 7 records; re-linked 0")
     code, out, _ = await run("init-db")
-    assert code == 0 and "validators: skipped (memory:// does not enforce them)" in out
+    if run.store.memory:
+        assert code == 0 and "validators: skipped (memory:// does not enforce them)" in out
+        return
+    assert code == 0 and "validators: installed on records and customer_history" in out
+    # Twice: the collections exist now, so the validators go on through collMod.
+    code, again, _ = await run("init-db")
+    assert code == 0 and again == out
+    infos = {c["name"]: c["options"] async for c in await run.store.db.list_collections()}
+    assert infos["records"]["validator"]["$jsonSchema"]["title"] == "commsync record"
+    assert infos["records"]["validationLevel"] == "moderate"
 
 
-def test_main_runs_a_command_with_an_injected_store(memory_store, tmp_path, capsys, monkeypatch):
+def test_main_runs_a_command_with_an_injected_store(db_config, tmp_path, capsys, monkeypatch):
     """The real entry point: config file, store factory, handler, exit code."""
     config = tmp_path / "c.yaml"
-    config.write_text(json.dumps({"mongodb": {"uri": "memory://"}, "log_level": "warning"}))
+    config.write_text(json.dumps({"mongodb": db_config, "log_level": "warning"}))
+    store = Store.connect(db_config["uri"], db_config["database"])
 
     class Shared:
         """The test's store, kept open across the commands (the handler closes what it opened)."""
@@ -207,10 +218,14 @@ def test_main_runs_a_command_with_an_injected_store(memory_store, tmp_path, caps
 
     async def seeded():
         # A fresh store bound to this test's own event loops: main() runs asyncio.run per command.
-        await memory_store.write_batch([email_record("m1@x", ALICE, at=T0)])
+        await store.write_batch([email_record("m1@x", ALICE, at=T0)])
 
     asyncio.run(seeded())
-    monkeypatch.setattr(admin_cli, "open_store", lambda settings: Shared(memory_store))
+    if store.memory:
+        # mongomock keeps its data in the client: every command must see this one.
+        monkeypatch.setattr(admin_cli, "open_store", lambda settings: Shared(store))
+    else:
+        store.close()  # each command opens the configured server itself
     assert main(["records", "list", "--json", "-c", str(config)]) == 0
     assert [json.loads(line)["_id"] for line in capsys.readouterr().out.splitlines()] == ["m1@x"]
     assert main(["records", "delete", "--text", "m1", "--yes", "-c", str(config)]) == 0

@@ -125,79 +125,79 @@ def test_redact_removes_suppressed_people_and_drops_records_left_with_nobody():
 # -- the store applying the policy --------------------------------------------------------------
 
 
-async def test_blocklisted_and_automated_mail_is_not_stored(memory_store):
-    memory_store.capture = policy.from_settings(settings(blocklist=["@news.example"]))
+async def test_blocklisted_and_automated_mail_is_not_stored(store):
+    store.capture = policy.from_settings(settings(blocklist=["@news.example"]))
     newsletter = {**email_record("n@x", "a@partner.example"), "automated": True, "automated_by": ["list-unsubscribe"]}
-    result = await memory_store.write_batch([email_record("p@x", "promo@news.example"), newsletter, email_record("k@x", ALICE)])
+    result = await store.write_batch([email_record("p@x", "promo@news.example"), newsletter, email_record("k@x", ALICE)])
     assert result.records == 1 and dict(result.not_captured) == {"blocklisted": 1, "automated": 1}
-    assert [d["_id"] for d in await memory_store.records.find().to_list(None)] == ["k@x"]
+    assert [d["_id"] for d in await store.records.find().to_list(None)] == ["k@x"]
 
 
-async def test_matched_policy_stores_only_records_with_a_customer(memory_store):
-    await memory_store.customers.insert_one({"_id": "c-alice", "emails": [ALICE]})
-    memory_store.capture = policy.from_settings(settings(capture="matched"))
-    result = await memory_store.write_batch([email_record("a@x", ALICE), email_record("s@x", STRANGER), phone_record("SM1", "sms", T0)])
+async def test_matched_policy_stores_only_records_with_a_customer(store):
+    await store.customers.insert_one({"_id": "c-alice", "emails": [ALICE]})
+    store.capture = policy.from_settings(settings(capture="matched"))
+    result = await store.write_batch([email_record("a@x", ALICE), email_record("s@x", STRANGER), phone_record("SM1", "sms", T0)])
     assert dict(result.not_captured) == {"unmatched": 2}
-    assert [d["_id"] for d in await memory_store.records.find().to_list(None)] == ["a@x"]
+    assert [d["_id"] for d in await store.records.find().to_list(None)] == ["a@x"]
     # A stored record whose customer lost the address is updated, not left stale.
-    await memory_store.customers.update_one({"_id": "c-alice"}, {"$set": {"emails": []}})
-    await memory_store.write_batch([email_record("a@x", ALICE)])
-    assert (await memory_store.records.find_one({"_id": "a@x"}))["customer_ids"] == []
-    assert await memory_store.history.count_documents({}) == 0
+    await store.customers.update_one({"_id": "c-alice"}, {"$set": {"emails": []}})
+    await store.write_batch([email_record("a@x", ALICE)])
+    assert (await store.records.find_one({"_id": "a@x"}))["customer_ids"] == []
+    assert await store.history.count_documents({}) == 0
 
 
-async def test_retention_applies_at_capture(memory_store):
-    memory_store.capture = policy.from_settings(settings(retention={"days": 30}))
+async def test_retention_applies_at_capture(store):
+    store.capture = policy.from_settings(settings(retention={"days": 30}))
     old = email_record("old@x", at=now_utc() - timedelta(days=45))
     fresh = email_record("new@x", at=now_utc() - timedelta(days=1))
-    result = await memory_store.write_batch([old, fresh])
+    result = await store.write_batch([old, fresh])
     assert dict(result.not_captured) == {"retention": 1}
-    assert await memory_store.records.count_documents({}) == 1
+    assert await store.records.count_documents({}) == 1
 
 
 @pytest.mark.parametrize("mode", ["sent", "sent_and_received"])
-async def test_auto_create_customers(memory_store, mode):
-    await memory_store.customers.insert_one({"_id": "c-alice", "emails": [ALICE]})
+async def test_auto_create_customers(store, mode):
+    await store.customers.insert_one({"_id": "c-alice", "emails": [ALICE]})
     sent = with_cc(email_record("out@x", "dave@client.example", direction="outbound"), ALICE)
     sent["participants"][1]["name"] = "Dave Client"
     received = email_record("in@x", "erin@client.example")
     automated = {**email_record("auto@x", "robot@client.example", direction="outbound"), "automated": True}
-    memory_store.capture = policy.from_settings(settings(customers={"auto_create": mode}, capture_automated=True))
-    await memory_store.write_batch([sent, received, automated])
-    dave = await memory_store.customers.find_one({"_id": "commsync:dave@client.example"})
+    store.capture = policy.from_settings(settings(customers={"auto_create": mode}, capture_automated=True))
+    await store.write_batch([sent, received, automated])
+    dave = await store.customers.find_one({"_id": "commsync:dave@client.example"})
     assert dave["name"] == "Dave Client" and dave["emails"] == ["dave@client.example"]
     assert dave["created_by"] == "commsync" and dave["origin"] == "auto_create" and dave["created_at"]
-    assert (await memory_store.records.find_one({"_id": "out@x"}))["customer_ids"] == ["c-alice", "commsync:dave@client.example"]
-    erin = await memory_store.customers.find_one({"_id": "commsync:erin@client.example"})
+    assert (await store.records.find_one({"_id": "out@x"}))["customer_ids"] == ["c-alice", "commsync:dave@client.example"]
+    erin = await store.customers.find_one({"_id": "commsync:erin@client.example"})
     assert (erin is not None) == (mode == "sent_and_received")
-    assert await memory_store.customers.count_documents({"_id": "commsync:robot@client.example"}) == 0
-    assert await memory_store.customers.count_documents({"emails": ALICE}) == 1  # an existing customer is never duplicated
-    await assert_histories_are_rebuild(memory_store)
+    assert await store.customers.count_documents({"_id": "commsync:robot@client.example"}) == 0
+    assert await store.customers.count_documents({"emails": ALICE}) == 1  # an existing customer is never duplicated
+    await assert_histories_are_rebuild(store)
 
 
-async def test_suppressed_participants_at_capture(memory_store):
-    await memory_store.customers.insert_one({"_id": "c-bob", "emails": [BOB]})
-    await memory_store.suppress([policy.suppression_key(ALICE)], "forget")
-    result = await memory_store.write_batch([email_record("only@x", ALICE), with_cc(email_record("both@x", ALICE), BOB)])
+async def test_suppressed_participants_at_capture(store):
+    await store.customers.insert_one({"_id": "c-bob", "emails": [BOB]})
+    await store.suppress([policy.suppression_key(ALICE)], "forget")
+    result = await store.write_batch([email_record("only@x", ALICE), with_cc(email_record("both@x", ALICE), BOB)])
     assert dict(result.not_captured) == {"suppressed": 1}
-    kept = await memory_store.records.find_one({"_id": "both@x"})
+    kept = await store.records.find_one({"_id": "both@x"})
     assert ALICE not in {p["address"] for p in kept["participants"]}
     assert kept["customer_ids"] == ["c-bob"]
 
 
-async def test_records_carry_the_schema_version(memory_store):
-    await memory_store.customers.insert_one({"_id": "c-alice", "emails": [ALICE]})
-    await memory_store.write_batch([email_record("a@x", ALICE)])
-    assert (await memory_store.records.find_one({"_id": "a@x"}))["schema_version"] == 1
-    assert (await memory_store.history.find_one({"_id": "c-alice"}))["schema_version"] == 1
+async def test_records_carry_the_schema_version(store):
+    await store.customers.insert_one({"_id": "c-alice", "emails": [ALICE]})
+    await store.write_batch([email_record("a@x", ALICE)])
+    assert (await store.records.find_one({"_id": "a@x"}))["schema_version"] == 1
+    assert (await store.history.find_one({"_id": "c-alice"}))["schema_version"] == 1
 
 
-async def test_policy_costs_no_extra_round_trips_per_record(memory_store):
-    memory_store.capture = policy.from_settings(settings(blocklist=["@news.example"], capture="matched", retention={"days": 3650}))
-    await memory_store.customers.insert_many([{"_id": f"c{i}", "emails": [f"p{i}@example.com"]} for i in range(20)])
-    await memory_store.suppress([policy.suppression_key("p3@example.com")], "forget")
-    await admin.delete(memory_store, {"_id": "gone@x"})
-    small = await memory_store.write_batch([email_record(f"s{i}@x", f"p{i % 20}@example.com", at=now_utc()) for i in range(4)])
-    large = await memory_store.write_batch([email_record(f"l{i}@x", f"p{i % 20}@example.com", at=now_utc()) for i in range(400)])
+async def test_policy_costs_no_extra_round_trips_per_record(store):
+    store.capture = policy.from_settings(settings(blocklist=["@news.example"], capture="matched", retention={"days": 3650}))
+    await store.customers.insert_many([{"_id": f"c{i}", "emails": [f"p{i}@example.com"]} for i in range(20)])
+    await store.suppress([policy.suppression_key("p3@example.com")], "forget")
+    await admin.delete(store, {"_id": "gone@x"})
+    small = await store.write_batch([email_record(f"s{i}@x", f"p{i % 20}@example.com", at=now_utc()) for i in range(4)])
+    large = await store.write_batch([email_record(f"l{i}@x", f"p{i % 20}@example.com", at=now_utc()) for i in range(400)])
     assert small.round_trips == large.round_trips == 9
     assert large.not_captured == {"suppressed": 20}

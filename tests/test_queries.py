@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from commsync.daemon import admin, policy, queries
-from commsync.daemon.store import Store, id_variants
+from commsync.daemon.store import id_variants
 from records import T0, email_record, hours
 from seed import ALICE, BOB_PHONE, seed
-
-MONGODB_URI = os.environ.get("COMMSYNC_TEST_MONGODB_URI")
-
 
 async def ids(store, **filters):
     q = queries.query(queries.Filters(**filters))
@@ -63,22 +58,22 @@ def test_id_and_participant_variants():
     assert policy.participant_keys("(415) 555-0100", "US") == [BOB_PHONE, "(415) 555-0100"]
 
 
-async def test_each_filter_on_a_seeded_store(memory_store):
-    await seed(memory_store)
-    everything = await ids(memory_store)
+async def test_each_filter_on_a_seeded_store(store):
+    await seed(store)
+    everything = await ids(store)
     assert everything == ["SM0001", "CA0001", "e5@x", "e4@x", "e3@x", "e2@x", "e1@x"]  # newest first
-    assert await ids(memory_store, customer=("c-alice",)) == ["e4@x", "e2@x", "e1@x"]
-    assert await ids(memory_store, customer=("c-bob",), channel="email") == ["e4@x", "e3@x"]
-    assert await ids(memory_store, channel="call") == ["CA0001"]
-    assert await ids(memory_store, direction="outbound") == ["e2@x"]
-    assert await ids(memory_store, since=T0 + hours(2), until=T0 + hours(5)) == ["e5@x", "e4@x", "e3@x"]
-    assert await ids(memory_store, participant=tuple(policy.participant_keys("ALICE@example.com"))) == ["e4@x", "e2@x", "e1@x"]
-    assert await ids(memory_store, participant=tuple(policy.participant_keys("(415) 555-0100", "US"))) == ["SM0001", "CA0001"]
-    assert await ids(memory_store, text="PALLET") == ["e3@x", "e2@x", "e1@x"]  # subject or content, any case
-    assert await ids(memory_store, text="pallet quote") == ["e2@x", "e1@x"]
-    assert await ids(memory_store, text="delivery tomorrow") == ["SM0001"]
+    assert await ids(store, customer=("c-alice",)) == ["e4@x", "e2@x", "e1@x"]
+    assert await ids(store, customer=("c-bob",), channel="email") == ["e4@x", "e3@x"]
+    assert await ids(store, channel="call") == ["CA0001"]
+    assert await ids(store, direction="outbound") == ["e2@x"]
+    assert await ids(store, since=T0 + hours(2), until=T0 + hours(5)) == ["e5@x", "e4@x", "e3@x"]
+    assert await ids(store, participant=tuple(policy.participant_keys("ALICE@example.com"))) == ["e4@x", "e2@x", "e1@x"]
+    assert await ids(store, participant=tuple(policy.participant_keys("(415) 555-0100", "US"))) == ["SM0001", "CA0001"]
+    assert await ids(store, text="PALLET") == ["e3@x", "e2@x", "e1@x"]  # subject or content, any case
+    assert await ids(store, text="pallet quote") == ["e2@x", "e1@x"]
+    assert await ids(store, text="delivery tomorrow") == ["SM0001"]
     q = queries.query(queries.Filters(customer=("c-bob",)))
-    assert [d["_id"] async for d in admin.cursor(memory_store, q, sort=queries.SORT, limit=2)] == ["SM0001", "CA0001"]
+    assert [d["_id"] async for d in admin.cursor(store, q, sort=queries.SORT, limit=2)] == ["SM0001", "CA0001"]
 
 
 def _stages(plan):
@@ -95,32 +90,75 @@ def _stages(plan):
     return found
 
 
-@pytest.mark.skipif(not MONGODB_URI, reason="explain() needs a real MongoDB: set COMMSYNC_TEST_MONGODB_URI")
-async def test_customer_timeline_of_100k_records_is_an_index_scan():
-    name = f"commsync_test_{uuid.uuid4().hex[:12]}"
-    store = Store.connect(MONGODB_URI, name)
-    try:
-        await store.init_db()
-        for start in range(0, 100_000, 10_000):
-            await store.records.insert_many(
-                [
-                    {**email_record(f"m{i}@x", ALICE, at=T0 + timedelta(minutes=i)), "customer_ids": ["c-big"], "ingested_at": T0, "schema_version": 1}
-                    for i in range(start, start + 10_000)
-                ],
-                ordered=False,
-            )
+async def _fill(store, big=2000, others=1000):
+    """One customer with ``big`` records, and ``others`` records spread over 50 other customers."""
+    for start in range(0, big, 10_000):
         await store.records.insert_many(
-            [{**email_record(f"o{i}@x", at=T0), "customer_ids": [f"c{i % 50}"], "ingested_at": T0, "schema_version": 1} for i in range(5000)]
+            [
+                {**email_record(f"m{i}@x", ALICE, at=T0 + timedelta(minutes=i)), "customer_ids": ["c-big"], "ingested_at": T0, "schema_version": 1}
+                for i in range(start, min(big, start + 10_000))
+            ],
+            ordered=False,
         )
-        q = queries.query(queries.Filters(customer=("c-big",), since=T0 + timedelta(days=10)))
-        plan = await store.records.find(q).sort(queries.SORT).limit(50).explain()
-        stages = _stages(plan["queryPlanner"]["winningPlan"])
-        names = [s for s, _ in stages]
-        assert ("IXSCAN", "customer_time") in stages, plan["queryPlanner"]["winningPlan"]
-        assert "COLLSCAN" not in names and "SORT" not in names  # the index gives the order too
-        stats = plan.get("executionStats")
-        if stats:
-            assert stats["nReturned"] == 50 and stats["totalDocsExamined"] <= 50
-    finally:
-        await store.client.drop_database(name)
-        store.close()
+    await store.records.insert_many(
+        [
+            {**email_record(f"o{i}@x", f"p{i}@client.example", at=T0), "channel": "sms" if i % 10 == 0 else "email", "customer_ids": [f"c{i % 50}"], "ingested_at": T0, "schema_version": 1}
+            for i in range(others)
+        ]
+    )
+
+
+async def _winning(store, filters):
+    plan = await store.records.find(queries.query(filters)).sort(queries.SORT).limit(50).explain()
+    return plan, _stages(plan["queryPlanner"]["winningPlan"])
+
+
+@pytest.mark.parametrize(
+    ("filters", "index"),
+    [
+        (queries.Filters(customer=("c-big",), since=T0 + timedelta(days=10)), "customer_time"),
+        (queries.Filters(customer=("c-big",)), "customer_time"),
+        (queries.Filters(channel="sms"), "channel_time"),
+        (queries.Filters(participant=("p7@client.example",)), "participant_time"),
+        (queries.Filters(since=T0 + timedelta(days=10)), "time"),
+        (queries.Filters(), "time"),
+    ],
+    ids=["customer-since", "customer", "channel", "participant", "since", "everything"],
+)
+async def test_the_declared_index_wins_for_each_cli_query(real_store, filters, index):
+    await real_store.init_db()
+    await _fill(real_store)
+    plan, stages = await _winning(real_store, filters)
+    assert ("IXSCAN", index) in stages, plan["queryPlanner"]["winningPlan"]
+    assert "COLLSCAN" not in [s for s, _ in stages]
+
+
+async def test_a_customer_timeline_reads_only_the_records_it_returns(real_store, mongodb):
+    """100,000 records of one customer: the newest 50 cost an index scan of 50 entries, in index order."""
+    if mongodb.secantus:
+        pytest.xfail(
+            "SecantusDB 0.7.0b3 sorts in memory after the index scan when the equality is on a multikey "
+            "index prefix (see test_secantus_sorts_multikey_prefix_in_memory); mongod reads the order from the index"
+        )
+    await real_store.init_db()
+    await _fill(real_store, big=100_000)
+    plan, stages = await _winning(real_store, queries.Filters(customer=("c-big",), since=T0 + timedelta(days=10)))
+    assert ("IXSCAN", "customer_time") in stages
+    assert "SORT" not in [s for s, _ in stages]  # the index gives the order too
+    stats = plan.get("executionStats")
+    if stats:
+        assert stats["nReturned"] == 50 and stats["totalDocsExamined"] <= 50
+
+
+async def test_secantus_sorts_multikey_prefix_in_memory(real_store, mongodb, request):
+    """Minimal: {a: 1, t: -1} with a multikey ``a``, find({a: x}).sort({t: -1}) needs no SORT stage on mongod."""
+    if mongodb.secantus:
+        request.applymarker(
+            pytest.mark.xfail(reason="SecantusDB 0.7.0b3 adds a SORT stage above the IXSCAN that already yields t descending", strict=True)
+        )
+    coll = real_store.db["multikey_sort"]
+    await coll.create_index([("a", 1), ("t", -1)], name="a_t")
+    await coll.insert_many([{"a": ["x", f"y{i}"], "t": i} for i in range(100)])
+    plan = await coll.find({"a": "x"}).sort([("t", -1)]).limit(5).explain()
+    names = [s for s, _ in _stages(plan["queryPlanner"]["winningPlan"])]
+    assert "IXSCAN" in names and "SORT" not in names, names

@@ -1,6 +1,6 @@
 """Store contract: idempotent upserts, matching, histories equal to a rebuild, constant round trips.
 
-Runs on mongomock always and on a real MongoDB when COMMSYNC_TEST_MONGODB_URI is set.
+Runs on mongomock and on the real MongoDB server of the tests ([mongomock] and [real]).
 """
 
 from __future__ import annotations
