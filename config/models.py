@@ -374,9 +374,7 @@ class Settings(BaseSettings):
         for entry in value:
             entry = entry.strip().lower()
             local, at, domain = entry.rpartition("@")
-            if at and "." in domain and " " not in entry:
-                out.append(entry)
-            elif not at and sum(c.isdigit() for c in entry) >= 5 and re.fullmatch(r"[\d\s()+./-]+", entry):
+            if at and "." in domain and " " not in entry or not at and sum(c.isdigit() for c in entry) >= 5 and re.fullmatch(r"[\d\s()+./-]+", entry):
                 out.append(entry)
             else:
                 raise ValueError(f"{entry!r} is neither an address, an @domain nor a phone number")

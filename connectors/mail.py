@@ -939,7 +939,7 @@ _getaddresses_cached = lru_cache(maxsize=2048)(_getaddresses_uncached)
 def _plausible(pairs: list[tuple[str, str]]) -> bool:
     """At least one usable address and no mangled one (an '@' but no local/domain)."""
     usable = [_clean_address(addr) is not None for _, addr in pairs]
-    return any(usable) and all(ok or "@" not in addr for ok, (_, addr) in zip(usable, pairs))
+    return any(usable) and all(ok or "@" not in addr for ok, (_, addr) in zip(usable, pairs, strict=True))
 
 
 def _clean_address(addr: str) -> str | None:

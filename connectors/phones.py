@@ -113,9 +113,9 @@ def _variants(e164: str, region: str | None) -> tuple[str, ...]:
     for representative, prefixes in families:
         if reads_back(representative + nsn):
             out |= {p + b for p in prefixes for b in bodies}
-    if region and region_is_known(region) and phonenumbers.country_code_for_region(region) == number.country_code:
-        if reads_back("".join(ngroups)):
-            out |= _bodies(ngroups) | {national}
+    local = region and region_is_known(region) and phonenumbers.country_code_for_region(region) == number.country_code
+    if local and reads_back("".join(ngroups)):
+        out |= _bodies(ngroups) | {national}
     return tuple(sorted(out))
 
 

@@ -283,8 +283,6 @@ def unreadable_numbers(record: Mapping[str, Any]) -> list[str]:
     out = []
     for p in record.get("participants", ()):
         address = p.get("address") or ""
-        if address and not address.startswith("+") and ":" not in address and any(c.isdigit() for c in address):
-            out.append(address)
-        elif address.startswith("+") and to_e164(address) is None:
+        if address and not address.startswith("+") and ":" not in address and any(c.isdigit() for c in address) or address.startswith("+") and to_e164(address) is None:
             out.append(address)
     return out

@@ -15,9 +15,7 @@ import structlog
 from commsync.config import ConfigError, Settings, load_settings
 from commsync.connectors.mbox import MboxConnector
 
-from . import app, auth_cli, logs
-from . import admin_cli
-from . import service, status
+from . import admin_cli, app, auth_cli, logs, service, status
 from .runner import DryRunSink, Runner, StoreSink
 
 log = structlog.get_logger(__name__)

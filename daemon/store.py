@@ -20,10 +20,9 @@ from typing import Any
 import bson
 import pymongo
 import pymongo.errors
+import structlog
 from pymongo import DeleteOne, ReplaceOne, UpdateOne
 from pymongo.errors import DuplicateKeyError
-
-import structlog
 
 from . import history, matching, policy, schema
 

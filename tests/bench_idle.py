@@ -24,6 +24,7 @@ from commsync.config import settings_from_dict  # noqa: E402
 from commsync.daemon import app, logs  # noqa: E402
 from commsync.daemon.runner import Runner, StoreSink  # noqa: E402
 from commsync.daemon.store import Store  # noqa: E402
+
 from dovecot import DovecotServer  # noqa: E402
 from mailgen import message  # noqa: E402
 

@@ -63,10 +63,10 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
-from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
@@ -335,7 +335,7 @@ def run_measured(tool: str, messages: int, argv: list[str], *, stdout=subprocess
     background = wait_quiet(QUIET_CPUS, QUIET_TIMEOUT)
     fd, time_out = tempfile.mkstemp(prefix="bench-time-")
     os.close(fd)
-    err = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL
+    err = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
     try:
         t0 = time.perf_counter()
         proc = subprocess.Popen([TIME_BIN, "-f", "%M %e", "-o", time_out, *argv], stdin=subprocess.DEVNULL,
@@ -467,7 +467,7 @@ def check_dry_run(commsync: str, cfg: Path, work: Path, expected: int) -> tuple[
         for line in f:
             rec = json.loads(line)
             lines += 1
-            ids.add((rec["sources"][0]["uid"]))
+            ids.add(rec["sources"][0]["uid"])
     if lines != expected or len(ids) != expected:
         raise RuntimeError(f"commsync dry run printed {lines} JSON lines ({len(ids)} distinct UIDs), expected {expected}")
     return lines, m
@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def one_round(count: int, tag: str) -> None:
             for fsync in (False, True):
-                attempt(f"mbsync at {count}", lambda: mbsync_once(count, tag, fsync))
+                attempt(f"mbsync at {count}", lambda fsync=fsync: mbsync_once(count, tag, fsync))
             attempt(f"fetch loop at {count}", lambda: fetch_once(count))
             attempt(f"commsync at {count}", lambda: commsync_once(count))
 

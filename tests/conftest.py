@@ -17,12 +17,25 @@ from dataclasses import dataclass
 import pytest
 
 from commsync.daemon.store import Store, patch_mongomock
+
 from dovecot import dovecot, imap_user  # noqa: F401  (session Dovecot and a fresh user per test)
 from mongo_server import EXTERNAL_URI, MongoTestServer, is_secantus, server_binary
 
 # The test double, not the product's driver, bends: mongomock 4.3's bulk builder
 # rejects the `sort` keyword that pymongo >= 4.11 passes for UpdateOne/ReplaceOne.
 patch_mongomock()
+
+
+# A test that uses any of these talks to a server the tests start: `pytest -m "not integration"` leaves it out.
+_SERVER_FIXTURES = {"dovecot", "imap_user", "mongodb", "real_store", "oauth_dovecot"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        real = callspec is not None and "real" in callspec.id.split("-")
+        if real or _SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
 
 
 @dataclass(frozen=True)

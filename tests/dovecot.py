@@ -54,7 +54,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import pytest
 from imapclient import IMAPClient
@@ -264,7 +265,7 @@ class DovecotServer:
         self._master_out: str | None = None
 
     # ------------------------------------------------------------------ setup
-    def __enter__(self) -> "DovecotServer":
+    def __enter__(self) -> DovecotServer:
         self.start()
         return self
 
@@ -275,7 +276,7 @@ class DovecotServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, timeout: float = 10.0) -> "DovecotServer":
+    def start(self, timeout: float = 10.0) -> DovecotServer:
         if self._proc is not None:
             raise RuntimeError("DovecotServer already started")
         if not os.path.exists(self.binary):

@@ -7,10 +7,7 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime
 
-WORDS = (
-    "quote invoice delivery pallet order thanks regards meeting schedule contract renewal pricing "
-    "support ticket issue resolved shipment warehouse update please confirm attached tomorrow"
-).split()
+WORDS = ["quote", "invoice", "delivery", "pallet", "order", "thanks", "regards", "meeting", "schedule", "contract", "renewal", "pricing", "support", "ticket", "issue", "resolved", "shipment", "warehouse", "update", "please", "confirm", "attached", "tomorrow"]
 
 
 def message(

@@ -16,6 +16,7 @@ from commsync.config import settings_from_dict
 from commsync.connectors.mail import normalize_email
 from commsync.daemon import admin, maintenance, policy, queries, schema
 from commsync.daemon.store import now_utc
+
 from records import T0, email_record, hours
 from seed import ALICE, BOB, CORPUS, STRANGER, assert_histories_are_rebuild, phone_record, seed, seed_records, with_cc
 

@@ -12,6 +12,7 @@ from commsync.config import settings_from_dict
 from commsync.daemon import admin_cli
 from commsync.daemon.cli import _parser, main
 from commsync.daemon.store import Store
+
 from records import T0, email_record
 from seed import ALICE, seed
 

@@ -8,6 +8,7 @@ from commsync.config import settings_from_dict
 from commsync.connectors.mail import normalize_email
 from commsync.daemon import admin, app, policy, queries
 from commsync.daemon.runner import Runner, StoreSink
+
 from mailgen import message
 from seed import CORPUS, assert_histories_are_rebuild, expected_automated
 

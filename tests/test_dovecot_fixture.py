@@ -86,7 +86,7 @@ def test_imaps_rejects_unknown_ca(dovecot):
 
 def test_append_and_fetch_with_peek_keeps_unseen(dovecot, imap_user):
     raws = [_msg(i) for i in range(1, 4)]
-    when = dt.datetime(2025, 6, 2, 12, 0, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2025, 6, 2, 12, 0, tzinfo=dt.UTC)
     uids = [dovecot.append(imap_user.name, "INBOX", raw, msg_time=when) for raw in raws]
     assert uids == sorted(uids) and len(set(uids)) == 3
 
@@ -96,7 +96,7 @@ def test_append_and_fetch_with_peek_keeps_unseen(dovecot, imap_user):
         data = c.fetch(uids, ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"])
         assert [data[u][b"BODY[]"] for u in uids] == raws
         for u in uids:
-            assert data[u][b"INTERNALDATE"].astimezone(dt.timezone.utc) == when
+            assert data[u][b"INTERNALDATE"].astimezone(dt.UTC) == when
         flags = c.get_flags(uids)
         assert all(b"\\Seen" not in flags[u] for u in uids)
     finally:
@@ -180,6 +180,7 @@ def test_idle_and_uidplus_advertised(dovecot, imap_user):
         c.logout()
 
 
+@pytest.mark.integration
 def test_standalone_server_starts_fast_and_stops():
     missing = dovecot_mod._missing_requirement()
     if missing:

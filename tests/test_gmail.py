@@ -11,6 +11,7 @@ import pytest
 from commsync.config import settings_from_dict
 from commsync.daemon import app
 from commsync.daemon.runner import Runner, StoreSink
+
 from gmail_proxy import GmailProxy
 from mailgen import message
 

@@ -15,6 +15,7 @@ from commsync.daemon.http import HttpEndpoint
 from commsync.daemon.metrics import Metrics
 from commsync.daemon.runner import Runner, StoreSink
 from commsync.daemon.store import Store
+
 from eventually import eventually
 from records import T0, email_record, hours
 

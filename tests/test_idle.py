@@ -9,6 +9,7 @@ from datetime import timedelta
 from commsync.config import settings_from_dict
 from commsync.daemon import app
 from commsync.daemon.runner import Runner, StoreSink
+
 from eventually import eventually
 from mailgen import message
 from tcp_proxy import TcpProxy

@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import threading
+from pathlib import Path
 
 import pytest
 import requests
@@ -23,6 +24,7 @@ from commsync.daemon import app, logs
 from commsync.daemon.auth_cli import sign_in
 from commsync.daemon.cli import main
 from commsync.daemon.runner import Runner, StoreSink
+
 from dovecot import DovecotServer, _missing_requirement
 from mailgen import message
 from oauth_server import GOOGLE_MAIL_SCOPE, OAuthServer, wait_until
@@ -130,7 +132,7 @@ async def test_revoked_refresh_token_fails_that_mailbox_only(oauth, oauth_doveco
     oauth_dovecot.append(good.name, "INBOX", message(1))
     oauth_dovecot.append(bad.name, "INBOX", message(2))
     bad_auth = generic(oauth, tmp_path, bad, name="bad")
-    oauth.revoke(open(bad_auth["refresh_token_file"]).read().strip())
+    oauth.revoke(Path(bad_auth["refresh_token_file"]).read_text().strip())
     cfg = settings(
         box(oauth_dovecot, oauth, good, "good", generic(oauth, tmp_path, good, name="good")),
         box(oauth_dovecot, oauth, bad, "bad", bad_auth),
@@ -181,7 +183,7 @@ async def test_tokens_and_secrets_never_reach_the_logs(oauth, oauth_dovecot, tmp
     for u in (ok_user, revoked_user, ms_user):
         oauth_dovecot.append(u.name, "INBOX", message(1))
     revoked = generic(oauth, tmp_path, revoked_user, name="revoked")
-    oauth.revoke(open(revoked["refresh_token_file"]).read().strip())
+    oauth.revoke(Path(revoked["refresh_token_file"]).read_text().strip())
     ms = microsoft(oauth, tmp_path, ms_user)
     cfg = settings(
         box(oauth_dovecot, oauth, ok_user, "ok", generic(oauth, tmp_path, ok_user, name="ok")),

@@ -12,6 +12,7 @@ from commsync.config import settings_from_dict
 from commsync.daemon import app
 from commsync.daemon.cli import main
 from commsync.daemon.runner import Runner
+
 from mailgen import message
 from sinks import CountingSink, CrashingSink
 

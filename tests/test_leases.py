@@ -9,6 +9,7 @@ from datetime import timedelta
 from commsync.connectors.base import Batch
 from commsync.daemon.leases import LeaseKeeper
 from commsync.daemon.runner import Runner, StoreSink
+
 from eventually import eventually
 from records import T0, email_record, hours
 
@@ -71,9 +72,9 @@ async def leases_of(store, owner):
 
 
 async def stop_all(*pairs):
-    for runner, task in pairs:
+    for runner, _ in pairs:
         runner.stop()
-    for runner, task in pairs:
+    for _, task in pairs:
         if not task.done():
             await asyncio.wait_for(task, 10)
 

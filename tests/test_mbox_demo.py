@@ -11,6 +11,7 @@ from commsync.connectors.parsing import MailOptions, MailParser
 from commsync.daemon.cli import main
 from commsync.daemon.demo import demo_files, run_demo
 from commsync.daemon.runner import Runner, StoreSink
+
 from mailgen import message
 
 

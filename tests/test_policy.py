@@ -13,6 +13,7 @@ from commsync.config import ConfigError, settings_from_dict
 from commsync.connectors.mail import normalize_email
 from commsync.daemon import admin, policy
 from commsync.daemon.store import now_utc
+
 from records import T0, email_record
 from seed import ALICE, BOB, CORPUS, STRANGER, assert_histories_are_rebuild, expected_automated, phone_record, with_cc
 

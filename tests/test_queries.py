@@ -8,8 +8,10 @@ import pytest
 
 from commsync.daemon import admin, policy, queries
 from commsync.daemon.store import id_variants
+
 from records import T0, email_record, hours
 from seed import ALICE, BOB_PHONE, seed
+
 
 async def ids(store, **filters):
     q = queries.query(queries.Filters(**filters))

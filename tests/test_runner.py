@@ -10,6 +10,7 @@ import pytest
 
 from commsync.connectors.base import AuthError, Batch
 from commsync.daemon.runner import DryRunSink, Runner, StoreSink
+
 from records import T0, email_record, hours
 from sinks import CrashingSink
 

@@ -13,6 +13,7 @@ from commsync.daemon import app, logs, status
 from commsync.daemon.cli import main
 from commsync.daemon.leases import LeaseKeeper
 from commsync.daemon.runner import Runner, StoreSink
+
 from eventually import eventually
 from records import T0, email_record, hours
 

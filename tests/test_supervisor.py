@@ -7,6 +7,7 @@ import json
 from commsync.config import load_settings
 from commsync.daemon.runner import Runner, StoreSink
 from commsync.daemon.supervisor import Supervisor
+
 from records import email_record
 
 

@@ -24,6 +24,7 @@ from commsync.daemon import app
 from commsync.daemon.cli import main
 from commsync.daemon.runner import Runner
 from commsync.daemon.store import Store
+
 from mailgen import message
 from records import email_record
 from sinks import CountingSink, CrashingSink

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from email.utils import parsedate_tz
 from pathlib import Path
 
@@ -14,18 +14,32 @@ import requests
 from twilio.base.exceptions import TwilioException, TwilioRestException
 
 try:
-    from twilio_fake import (FakeTwilio, async_client_for, client_for,
-                             CALL_FIELDS, MESSAGE_FIELDS, RECORDING_FIELDS,
-                             CALL_RECORDING_FIELDS, ACCOUNT_FIELDS)
+    from twilio_fake import (
+        ACCOUNT_FIELDS,
+        CALL_FIELDS,
+        CALL_RECORDING_FIELDS,
+        MESSAGE_FIELDS,
+        RECORDING_FIELDS,
+        FakeTwilio,
+        async_client_for,
+        client_for,
+    )
 except ImportError:  # tests/ imported as a package
-    from tests.twilio_fake import (FakeTwilio, async_client_for, client_for,  # type: ignore[no-redef]
-                                   CALL_FIELDS, MESSAGE_FIELDS, RECORDING_FIELDS,
-                                   CALL_RECORDING_FIELDS, ACCOUNT_FIELDS)
+    from tests.twilio_fake import (  # type: ignore[no-redef]
+        ACCOUNT_FIELDS,
+        CALL_FIELDS,
+        CALL_RECORDING_FIELDS,
+        MESSAGE_FIELDS,
+        RECORDING_FIELDS,
+        FakeTwilio,
+        async_client_for,
+        client_for,
+    )
 
 SPEC_PATH = Path("/work/shared/twilio/twilio_api_v2010.json")
 ACC = "AC" + "1" * 32
 TOKEN = "secret-token"
-UTC = timezone.utc
+UTC = UTC
 
 
 def T(*a) -> datetime:

@@ -111,11 +111,12 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
-from email.utils import format_datetime, parsedate_tz, mktime_tz
+from datetime import UTC, date, datetime, timedelta, timezone
+from email.utils import format_datetime, mktime_tz, parsedate_tz
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 API_VERSION = "2010-04-01"
@@ -187,8 +188,8 @@ ERROR_MESSAGES = {
 }
 
 
-def twilio_error(status: int, message: Optional[str] = None,
-                 code: Optional[int] = None) -> Dict[str, Any]:
+def twilio_error(status: int, message: str | None = None,
+                 code: int | None = None) -> dict[str, Any]:
     """Twilio's (legacy, v2010) error body."""
     dcode, dmsg = ERROR_MESSAGES.get(status, (20000 + status, "Error"))
     code = code or dcode
@@ -200,13 +201,13 @@ def twilio_error(status: int, message: Optional[str] = None,
     }
 
 
-def rfc2822(dt: Optional[datetime]) -> Optional[str]:
+def rfc2822(dt: datetime | None) -> str | None:
     if dt is None:
         return None
-    return format_datetime(dt.astimezone(timezone.utc))
+    return format_datetime(dt.astimezone(UTC))
 
 
-def _utc(dt: Any) -> Optional[datetime]:
+def _utc(dt: Any) -> datetime | None:
     """Normalise a user-supplied datetime (naive = UTC) to whole seconds UTC."""
     if dt is None:
         return None
@@ -215,15 +216,15 @@ def _utc(dt: Any) -> Optional[datetime]:
     elif isinstance(dt, date) and not isinstance(dt, datetime):
         dt = datetime(dt.year, dt.month, dt.day)
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).replace(microsecond=0)
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).replace(microsecond=0)
 
 
 def _hexsid(prefix: str) -> str:
     return prefix + uuid.uuid4().hex
 
 
-def format_number(n: Optional[str]) -> Optional[str]:
+def format_number(n: str | None) -> str | None:
     """Twilio's *_formatted for NANP numbers; other identifiers unchanged."""
     if n is None:
         return None
@@ -243,7 +244,7 @@ class BadFilter(ValueError):
     pass
 
 
-def parse_filter_value(raw: str) -> Tuple[str, Any]:
+def parse_filter_value(raw: str) -> tuple[str, Any]:
     """Return ("date", date) or ("datetime", aware UTC datetime)."""
     s = raw.strip()
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", s):
@@ -278,7 +279,7 @@ def parse_filter_value(raw: str) -> Tuple[str, Any]:
     tup = parsedate_tz(s)
     if tup is not None and re.search(r"[A-Za-z]{3}", s):
         try:
-            return "datetime", datetime.fromtimestamp(mktime_tz(tup), timezone.utc)
+            return "datetime", datetime.fromtimestamp(mktime_tz(tup), UTC)
         except (TypeError, ValueError, OverflowError) as e:
             raise BadFilter(raw) from e
     raise BadFilter(raw)
@@ -286,16 +287,16 @@ def parse_filter_value(raw: str) -> Tuple[str, Any]:
 
 def _utc_exact(dt: datetime) -> datetime:
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
 
 
 def _day_start(d: date) -> datetime:
-    return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+    return datetime(d.year, d.month, d.day, tzinfo=UTC)
 
 
 def make_date_predicate(op: str, raw: str, *, le_day: str, lt_strict_datetime: bool,
-                        precision: str) -> Callable[[Optional[datetime]], bool]:
+                        precision: str) -> Callable[[datetime | None], bool]:
     """op in {"=", ">", "<"}; le_day in {"inclusive", "exclusive", "midnight"}."""
     kind, v = parse_filter_value(raw)
     if kind == "datetime" and (precision == "day" or op == "="):
@@ -325,12 +326,12 @@ def make_date_predicate(op: str, raw: str, *, le_day: str, lt_strict_datetime: b
 class RecordedRequest:
     method: str
     path: str
-    query: Dict[str, str]          # decoded; e.g. {"StartTime>": "2024-01-02T00:00:00Z"}
+    query: dict[str, str]          # decoded; e.g. {"StartTime>": "2024-01-02T00:00:00Z"}
     raw_query: str
     time: datetime
-    auth_user: Optional[str] = None
-    status: Optional[int] = None
-    headers: Dict[str, str] = field(default_factory=dict)
+    auth_user: str | None = None
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -341,11 +342,11 @@ class RecordedRequest:
 class _Fault:
     remaining: int
     kind: str                      # "status" | "disconnect" | "delay" | "malformed"
-    path: Optional[str] = None
+    path: str | None = None
     status: int = 500
     retry_after: Any = None
     body: Any = None
-    headers: Optional[Dict[str, str]] = None
+    headers: dict[str, str] | None = None
     seconds: float = 0.0
     malformed_kind: str = "missing_sid"
     index: int = 0
@@ -364,29 +365,29 @@ class FakeTwilio:
     """Local fake of api.twilio.com/2010-04-01 (GET endpoints used for sync)."""
 
     def __init__(self, *, datetime_filter_precision: str = "exact",
-                 clock: Optional[Callable[[], datetime]] = None,
+                 clock: Callable[[], datetime] | None = None,
                  max_page_size: int = 1000, default_page_size: int = 50):
         if datetime_filter_precision not in ("exact", "day"):
             raise ValueError("datetime_filter_precision must be 'exact' or 'day'")
         self.datetime_filter_precision = datetime_filter_precision
-        self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self.clock = clock or (lambda: datetime.now(UTC))
         self.max_page_size = max_page_size
         self.default_page_size = default_page_size
         self._lock = threading.RLock()
-        self.accounts: Dict[str, Dict[str, Any]] = {}
-        self.api_keys: Dict[str, Tuple[str, str]] = {}  # key_sid -> (account, secret)
-        self.calls: Dict[str, Dict[str, Any]] = {}
-        self.messages: Dict[str, Dict[str, Any]] = {}
-        self.recordings: Dict[str, Dict[str, Any]] = {}
-        self.requests: List[RecordedRequest] = []
-        self._faults: List[_Fault] = []
-        self._server: Optional[ThreadingHTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
-        self.base_url: Optional[str] = None
-        self.port: Optional[int] = None
+        self.accounts: dict[str, dict[str, Any]] = {}
+        self.api_keys: dict[str, tuple[str, str]] = {}  # key_sid -> (account, secret)
+        self.calls: dict[str, dict[str, Any]] = {}
+        self.messages: dict[str, dict[str, Any]] = {}
+        self.recordings: dict[str, dict[str, Any]] = {}
+        self.requests: list[RecordedRequest] = []
+        self._faults: list[_Fault] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.base_url: str | None = None
+        self.port: int | None = None
 
     # ------------------------------------------------------------ lifecycle
-    def start(self) -> "FakeTwilio":
+    def start(self) -> FakeTwilio:
         if self._server is not None:
             return self
         fake = self
@@ -413,7 +414,7 @@ class FakeTwilio:
         self._server = None
         self._thread = None
 
-    def __enter__(self) -> "FakeTwilio":
+    def __enter__(self) -> FakeTwilio:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -423,12 +424,12 @@ class FakeTwilio:
         return _utc(self.clock())
 
     # ------------------------------------------------------------ accounts
-    def add_account(self, account_sid: Optional[str] = None,
-                    auth_token: Optional[str] = None, *,
-                    friendly_name: Optional[str] = None,
+    def add_account(self, account_sid: str | None = None,
+                    auth_token: str | None = None, *,
+                    friendly_name: str | None = None,
                     status: str = "active", type: str = "Full",
-                    owner_account_sid: Optional[str] = None,
-                    date_created: Any = None) -> Dict[str, Any]:
+                    owner_account_sid: str | None = None,
+                    date_created: Any = None) -> dict[str, Any]:
         account_sid = account_sid or _hexsid("AC")
         auth_token = auth_token or uuid.uuid4().hex
         created = _utc(date_created) or self._now()
@@ -461,8 +462,8 @@ class FakeTwilio:
             self.accounts[account_sid] = rec
         return dict(rec)
 
-    def add_api_key(self, account_sid: str, key_sid: Optional[str] = None,
-                    secret: Optional[str] = None) -> Tuple[str, str]:
+    def add_api_key(self, account_sid: str, key_sid: str | None = None,
+                    secret: str | None = None) -> tuple[str, str]:
         key_sid = key_sid or _hexsid("SK")
         secret = secret or uuid.uuid4().hex
         with self._lock:
@@ -476,7 +477,7 @@ class FakeTwilio:
             raise KeyError("unknown account %s; call add_account first" % account_sid)
 
     # ------------------------------------------------------------ calls
-    def add_call(self, account_sid: str, **fields: Any) -> Dict[str, Any]:
+    def add_call(self, account_sid: str, **fields: Any) -> dict[str, Any]:
         self._require_account(account_sid)
         f = _normalise_fields(fields, CALL_FIELDS)
         now = self._now()
@@ -544,7 +545,7 @@ class FakeTwilio:
             self.calls[sid] = rec
         return dict(rec)
 
-    def update_call(self, sid: str, **fields: Any) -> Dict[str, Any]:
+    def update_call(self, sid: str, **fields: Any) -> dict[str, Any]:
         """Mutate a call like Twilio does over its life, e.g.
         update_call(sid, status="completed", end_time=..., duration=42) and
         later update_call(sid, price="-0.0130"). date_updated is bumped."""
@@ -573,7 +574,7 @@ class FakeTwilio:
             return dict(rec)
 
     # ------------------------------------------------------------ messages
-    def add_message(self, account_sid: str, **fields: Any) -> Dict[str, Any]:
+    def add_message(self, account_sid: str, **fields: Any) -> dict[str, Any]:
         self._require_account(account_sid)
         f = _normalise_fields(fields, MESSAGE_FIELDS)
         now = self._now()
@@ -617,7 +618,7 @@ class FakeTwilio:
             self.messages[sid] = rec
         return dict(rec)
 
-    def update_message(self, sid: str, **fields: Any) -> Dict[str, Any]:
+    def update_message(self, sid: str, **fields: Any) -> dict[str, Any]:
         f = _normalise_fields(fields, MESSAGE_FIELDS)
         with self._lock:
             rec = self.messages[sid]
@@ -632,7 +633,7 @@ class FakeTwilio:
             return dict(rec)
 
     # ------------------------------------------------------------ recordings
-    def add_recording(self, account_sid: str, call_sid: Optional[str], **fields: Any) -> Dict[str, Any]:
+    def add_recording(self, account_sid: str, call_sid: str | None, **fields: Any) -> dict[str, Any]:
         self._require_account(account_sid)
         f = _normalise_fields(fields, RECORDING_FIELDS + ["track"])
         now = self._now()
@@ -680,7 +681,7 @@ class FakeTwilio:
             self.recordings[sid] = rec
         return dict(rec)
 
-    def update_recording(self, sid: str, **fields: Any) -> Dict[str, Any]:
+    def update_recording(self, sid: str, **fields: Any) -> dict[str, Any]:
         f = _normalise_fields(fields, RECORDING_FIELDS + ["track"])
         with self._lock:
             rec = self.recordings[sid]
@@ -690,8 +691,8 @@ class FakeTwilio:
 
     # ------------------------------------------------------------ faults
     def fail_next(self, n: int, status: int, retry_after: Any = None,
-                  body: Any = None, path: Optional[str] = None,
-                  headers: Optional[Dict[str, str]] = None, skip: int = 0) -> None:
+                  body: Any = None, path: str | None = None,
+                  headers: dict[str, str] | None = None, skip: int = 0) -> None:
         """The next n requests (whose path contains `path`, if given) get
         `status` with Twilio's error body (or `body`: dict -> JSON,
         str/bytes -> sent raw). retry_after sets the Retry-After header.
@@ -702,7 +703,7 @@ class FakeTwilio:
                                        retry_after=retry_after, body=body,
                                        headers=headers, skip=skip))
 
-    def malformed_next(self, path: Optional[str] = None, kind: str = "missing_sid",
+    def malformed_next(self, path: str | None = None, kind: str = "missing_sid",
                        index: int = 0, n: int = 1) -> None:
         """The next n list responses (path substring) carry one malformed item
         at position `index`: kind "missing_sid" (key removed), "bad_date" (the
@@ -715,13 +716,13 @@ class FakeTwilio:
             self._faults.append(_Fault(n, "malformed", path, malformed_kind=kind,
                                        index=index))
 
-    def disconnect_next(self, n: int = 1, path: Optional[str] = None) -> None:
+    def disconnect_next(self, n: int = 1, path: str | None = None) -> None:
         """Close the connection without any response (client sees a
         connection error)."""
         with self._lock:
             self._faults.append(_Fault(n, "disconnect", path))
 
-    def delay_next(self, n: int, seconds: float, path: Optional[str] = None) -> None:
+    def delay_next(self, n: int, seconds: float, path: str | None = None) -> None:
         """Sleep before answering (to exercise client timeouts)."""
         with self._lock:
             self._faults.append(_Fault(n, "delay", path, seconds=seconds))
@@ -730,7 +731,7 @@ class FakeTwilio:
         with self._lock:
             self._faults.clear()
 
-    def _take_fault(self, kind: str, path: str) -> Optional[_Fault]:
+    def _take_fault(self, kind: str, path: str) -> _Fault | None:
         with self._lock:
             for ft in self._faults:
                 if ft.kind == kind and ft.remaining > 0 and ft.matches(path):
@@ -744,7 +745,7 @@ class FakeTwilio:
         return None
 
     # ------------------------------------------------------------ request log
-    def requests_to(self, path_substring: str) -> List[RecordedRequest]:
+    def requests_to(self, path_substring: str) -> list[RecordedRequest]:
         with self._lock:
             return [r for r in self.requests if path_substring in r.path]
 
@@ -754,7 +755,7 @@ class FakeTwilio:
 
     # ------------------------------------------------------------ rendering
     @staticmethod
-    def render(rec: Dict[str, Any], fields: List[str]) -> Dict[str, Any]:
+    def render(rec: dict[str, Any], fields: list[str]) -> dict[str, Any]:
         out = {}
         for k in fields:
             v = rec.get(k)
@@ -765,15 +766,15 @@ class FakeTwilio:
             out[k] = v
         return out
 
-    def render_call(self, sid: str) -> Dict[str, Any]:
+    def render_call(self, sid: str) -> dict[str, Any]:
         with self._lock:
             return self.render(self.calls[sid], CALL_FIELDS)
 
-    def render_message(self, sid: str) -> Dict[str, Any]:
+    def render_message(self, sid: str) -> dict[str, Any]:
         with self._lock:
             return self.render(self.messages[sid], MESSAGE_FIELDS)
 
-    def render_recording(self, sid: str, call_scoped: bool = False) -> Dict[str, Any]:
+    def render_recording(self, sid: str, call_scoped: bool = False) -> dict[str, Any]:
         with self._lock:
             rec = self.recordings[sid]
             if call_scoped:
@@ -783,12 +784,12 @@ class FakeTwilio:
                 return out
             return self.render(rec, RECORDING_FIELDS)
 
-    def render_account(self, sid: str) -> Dict[str, Any]:
+    def render_account(self, sid: str) -> dict[str, Any]:
         with self._lock:
             return self.render(self.accounts[sid], ACCOUNT_FIELDS)
 
     # ------------------------------------------------------------ dispatch
-    def _authenticate(self, header: Optional[str], account_sid: Optional[str]) -> Tuple[bool, Optional[str]]:
+    def _authenticate(self, header: str | None, account_sid: str | None) -> tuple[bool, str | None]:
         if not header or not header.startswith("Basic "):
             return False, None
         try:
@@ -810,8 +811,8 @@ class FakeTwilio:
                 ok = sub is not None and sub["owner_account_sid"] == owner
         return ok, user
 
-    def handle(self, method: str, path: str, query: List[Tuple[str, str]],
-               auth_header: Optional[str]) -> Tuple[int, Dict[str, str], Any, Optional[str]]:
+    def handle(self, method: str, path: str, query: list[tuple[str, str]],
+               auth_header: str | None) -> tuple[int, dict[str, str], Any, str | None]:
         """Return (status, headers, body, auth_user); body is dict/bytes/str."""
         m = _ACCOUNT_RE.match(path)
         account_sid = m.group(1) if m else None
@@ -832,7 +833,7 @@ class FakeTwilio:
             return 400, {}, twilio_error(400, "Invalid date filter value: %s" % e, 20001), user
 
     def _route(self, account_sid: str, rest: str, path: str,
-               query: List[Tuple[str, str]], q: Dict[str, str]) -> Tuple[int, Dict[str, str], Any]:
+               query: list[tuple[str, str]], q: dict[str, str]) -> tuple[int, dict[str, str], Any]:
         not_found = (404, {}, twilio_error(404, "The requested resource %s was not found" % path))
         if rest == ".json":
             return 200, {}, self.render_account(account_sid)
@@ -883,8 +884,8 @@ class FakeTwilio:
         return not_found
 
     # ------------------------------------------------------------ lists
-    def _date_filters(self, q: Dict[str, str], name: str, field_: str, *,
-                      le_day: str, lt_strict: bool) -> List[Callable[[Dict[str, Any]], bool]]:
+    def _date_filters(self, q: dict[str, str], name: str, field_: str, *,
+                      le_day: str, lt_strict: bool) -> list[Callable[[dict[str, Any]], bool]]:
         preds = []
         for op in ("=", ">", "<"):
             key = name if op == "=" else name + op
@@ -896,7 +897,7 @@ class FakeTwilio:
         return preds
 
     def _list_calls(self, account_sid, path, query, q):
-        preds: List[Callable[[Dict[str, Any]], bool]] = [lambda r: r["account_sid"] == account_sid]
+        preds: list[Callable[[dict[str, Any]], bool]] = [lambda r: r["account_sid"] == account_sid]
         for qk, fk in (("To", "to"), ("From", "from"), ("ParentCallSid", "parent_call_sid"),
                        ("Status", "status")):
             if q.get(qk):
@@ -911,7 +912,7 @@ class FakeTwilio:
         return self._paginate("calls", rendered, path, query, q, "start_time")
 
     def _list_messages(self, account_sid, path, query, q):
-        preds: List[Callable[[Dict[str, Any]], bool]] = [lambda r: r["account_sid"] == account_sid]
+        preds: list[Callable[[dict[str, Any]], bool]] = [lambda r: r["account_sid"] == account_sid]
         for qk, fk in (("To", "to"), ("From", "from")):
             if q.get(qk):
                 preds.append(lambda r, fk=fk, v=q[qk]: r.get(fk) == v)
@@ -924,7 +925,7 @@ class FakeTwilio:
         return self._paginate("messages", rendered, path, query, q, "date_sent")
 
     def _list_recordings(self, account_sid, path, query, q, call_sid=None):
-        preds: List[Callable[[Dict[str, Any]], bool]] = [lambda r: r["account_sid"] == account_sid]
+        preds: list[Callable[[dict[str, Any]], bool]] = [lambda r: r["account_sid"] == account_sid]
         if call_sid:
             preds.append(lambda r: r["call_sid"] == call_sid)
         for qk, fk in (("CallSid", "call_sid"), ("ConferenceSid", "conference_sid")):
@@ -939,8 +940,8 @@ class FakeTwilio:
             rendered = [self.render_recording(r["sid"], call_scoped=bool(call_sid)) for r in items]
         return self._paginate("recordings", rendered, path, query, q, "date_created")
 
-    def _paginate(self, key: str, items: List[Dict[str, Any]], path: str,
-                  query: List[Tuple[str, str]], q: Dict[str, str], date_field: str) -> Dict[str, Any]:
+    def _paginate(self, key: str, items: list[dict[str, Any]], path: str,
+                  query: list[tuple[str, str]], q: dict[str, str], date_field: str) -> dict[str, Any]:
         try:
             size = int(q.get("PageSize") or self.default_page_size)
         except ValueError:
@@ -966,7 +967,7 @@ class FakeTwilio:
 
         filters = [(k, v) for k, v in query if k not in ("PageSize", "Page", "PageToken")]
 
-        def uri(extra: List[Tuple[str, str]]) -> str:
+        def uri(extra: list[tuple[str, str]]) -> str:
             return path + "?" + urlencode(filters + [("PageSize", str(size))] + extra)
 
         current = [("Page", str(page))] + ([("PageToken", token)] if token else [])
@@ -1000,8 +1001,8 @@ class FakeTwilio:
         return body
 
 
-def _normalise_fields(fields: Dict[str, Any], allowed: List[str]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
+def _normalise_fields(fields: dict[str, Any], allowed: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for k, v in fields.items():
         k2 = "from" if k in ("from_", "from") else k
         if k2 not in allowed:
@@ -1029,7 +1030,7 @@ class _Handler(BaseHTTPRequestHandler):
         query = parse_qsl(parts.query, keep_blank_values=True)
         rec = RecordedRequest(
             method=self.command, path=path, query=dict(query), raw_query=parts.query,
-            time=datetime.now(timezone.utc), headers={k: v for k, v in self.headers.items()})
+            time=datetime.now(UTC), headers={k: v for k, v in self.headers.items()})
         with fake._lock:
             fake.requests.append(rec)
         length = int(self.headers.get("Content-Length") or 0)
@@ -1047,7 +1048,7 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             return
-        headers: Dict[str, str] = {}
+        headers: dict[str, str] = {}
         ft = fake._take_fault("status", path)
         if ft is not None:
             status = ft.status
@@ -1103,8 +1104,8 @@ def _base(target: Any) -> str:
 
 
 try:
-    from twilio.http.http_client import TwilioHttpClient
     from twilio.http.async_http_client import AsyncTwilioHttpClient
+    from twilio.http.http_client import TwilioHttpClient
 except ImportError:  # pragma: no cover - twilio is a project dependency
     TwilioHttpClient = object  # type: ignore[misc,assignment]
     AsyncTwilioHttpClient = object  # type: ignore[misc,assignment]
