@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .models import Settings
+from .models import Settings, settings_model
 
 
 class ConfigError(Exception):
@@ -38,7 +38,7 @@ def load_settings(path: str | Path) -> Settings:
 def settings_from_dict(data: dict[str, Any], *, origin: str = "<config>") -> Settings:
     """Validate an already parsed mapping (environment overrides still apply)."""
     try:
-        return Settings(**data)
+        return settings_model()(**data)
     except ValidationError as exc:
         lines = [f"{origin}: {_where(err['loc'], data)}: {_reason(err)}" for err in exc.errors()]
         raise ConfigError("\n".join(lines)) from None

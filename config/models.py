@@ -130,9 +130,23 @@ class DaemonSettings(_Model):
         default=timedelta(seconds=60), description="A source whose instance stopped renewing its lease goes to another after this."
     )
     instance: str | None = Field(default=None, description="This instance's name in leases and `commsync status` (default: hostname/pid).")
+    auth_backoff_max: timedelta = Field(
+        default=timedelta(hours=4),
+        description="Longest wait between logins of a source whose credentials are refused (the first retry comes after about a minute).",
+    )
+    park_after: timedelta = Field(
+        default=timedelta(days=3),
+        description="Park a source whose credentials have been refused this long: no more logins until its config changes or `commsync source resume`. 0 = never.",
+    )
+    shutdown_timeout: timedelta = Field(
+        default=timedelta(seconds=60),
+        description="On stop, wait this long for the batches in hand to be stored, then exit anyway (keep it below the unit's TimeoutStopSec).",
+    )
     http: HttpSettings = HttpSettings()
 
-    _dur = field_validator("poll_interval", "backoff_max", "lease_ttl", mode="before")(parse_duration)
+    _dur = field_validator("poll_interval", "backoff_max", "lease_ttl", "auth_backoff_max", "park_after", "shutdown_timeout", mode="before")(
+        parse_duration
+    )
 
     @field_validator("lease_ttl")
     @classmethod
@@ -331,7 +345,11 @@ class TwilioAccountConfig(_Model):
 
 
 class Settings(BaseSettings):
-    """The whole configuration file. ``COMMSYNC_A__B`` environment variables override key a.b."""
+    """The whole configuration file. ``COMMSYNC_A__B`` environment variables override key a.b.
+
+    This class holds the keys every configuration has; `settings_model` adds one
+    list per registered source kind (``mailboxes``, ``twilio_accounts``, ...).
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="COMMSYNC_",
@@ -346,12 +364,10 @@ class Settings(BaseSettings):
     capture: CaptureSettings = CaptureSettings()
     daemon: DaemonSettings = DaemonSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    mailboxes: list[MailboxConfig] = Field(default_factory=list)
     default_region: str | None = Field(
         default=None,
         description="ISO 3166 region (US, DE, ...) for phone numbers written without a country code.",
     )
-    twilio_accounts: list[TwilioAccountConfig] = Field(default_factory=list)
     blocklist: list[str] = Field(
         default_factory=list, description="Addresses, @domains (and their subdomains) and phone numbers never captured."
     )
@@ -404,9 +420,17 @@ class Settings(BaseSettings):
             seen.add(source.name)
         return self
 
-    def sources(self) -> list[MailboxConfig | TwilioAccountConfig]:
-        """Every configured source: mailboxes, then Twilio accounts, each in file order."""
-        return [*self.mailboxes, *self.twilio_accounts]
+    def sources(self) -> list[Any]:
+        """Every configured source, kind by kind in registration order, each in file order."""
+        from commsync.connectors.registry import kinds
+
+        return [source for kind in kinds() for source in getattr(self, kind.settings_key, ())]
+
+    def sources_of(self, kind: str) -> list[Any]:
+        """The configured sources of one kind (``imap``, ``twilio``, ...)."""
+        from commsync.connectors.registry import kinds
+
+        return [source for k in kinds() if k.name == kind for source in getattr(self, k.settings_key, ())]
 
     @classmethod
     def settings_customise_sources(
@@ -419,3 +443,28 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The YAML file arrives as init kwargs; the environment must win over it.
         return (env_settings, init_settings)
+
+
+_MODEL: type[Settings] | None = None
+
+
+def settings_model() -> type[Settings]:
+    """Settings with one list per registered source kind, built once per set of kinds."""
+    global _MODEL
+    if _MODEL is None:
+        from pydantic import create_model
+
+        from commsync.connectors import registry
+
+        fields: dict[str, Any] = {
+            kind.settings_key: (list[kind.model], Field(default_factory=list, description=kind.description or None))  # type: ignore[name-defined]
+            for kind in registry.kinds()
+        }
+        _MODEL = create_model("Settings", __base__=Settings, __module__=__name__, **fields)
+        registry.on_change(_forget_model)
+    return _MODEL
+
+
+def _forget_model() -> None:
+    global _MODEL
+    _MODEL = None

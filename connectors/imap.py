@@ -20,13 +20,13 @@ from typing import Any
 import imapclient
 import imapclient.imapclient
 import structlog
-from imapclient.exceptions import LoginError
+from imapclient.exceptions import IMAPClientAbortError, LoginError
 
 from commsync.config.models import MailboxConfig
 
-from .base import AuthError, Batch
+from .base import Batch, CredentialsRefused, TemporarilyUnavailable, describe
 from .oauth import imap_refusal, token_provider
-from .parsing import MailParser, RawMail
+from .parsing import MailParser, RawMail, mail_options
 
 log = structlog.get_logger(__name__)
 
@@ -107,14 +107,18 @@ class ImapConnector:
             self._login(client, fresh_token)
         except LoginError as exc:
             _quiet_close(client)
+            if _connection_lost(exc):
+                # imapclient reports a dropped connection during LOGIN as a LoginError too:
+                # only the server's tagged answer is a refusal.
+                raise TemporarilyUnavailable(f"connection lost during login to {cfg.host}: {_text(exc.__context__ or exc)}") from None
             if self._tokens is not None and not fresh_token:
                 # A cached token can be revoked or expire early: one more try, on a
                 # new connection (servers differ in what follows a failed AUTHENTICATE).
                 self._log.info("oauth_token_refused", retry="with a fresh token")
                 return self._connect_blocking(fresh_token=True)
             if self._tokens is not None:
-                raise AuthError(f"{imap_refusal(cfg.auth.provider or '', cfg.username)} (server said: {_text(exc)})") from None
-            raise AuthError(f"login refused for {cfg.username}: {_text(exc)}") from None
+                raise CredentialsRefused(f"{imap_refusal(cfg.auth.provider or '', cfg.username)} (server said: {_text(exc)})") from None
+            raise CredentialsRefused(f"login refused for {cfg.username}: {_text(exc)}") from None
         except BaseException:
             _quiet_close(client)
             raise
@@ -137,7 +141,12 @@ class ImapConnector:
             except Exception:
                 self._log.info("imap_reconnect")
                 await self._drop()
-        self._client = await self._call(self._connect_blocking)
+        try:
+            self._client = await self._call(self._connect_blocking)
+        except (OSError, IMAPClientAbortError) as exc:
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise  # a configuration problem, not an outage
+            raise TemporarilyUnavailable(f"cannot reach {self.config.host}:{self.config.effective_port}: {_describe(exc)}") from None
         return self._client
 
     async def _drop(self) -> None:
@@ -195,6 +204,12 @@ class ImapConnector:
             for folder in folders:
                 async for batch in self._folder_batches(client, folder, state.get(folder)):
                     yield batch
+        except (OSError, IMAPClientAbortError) as exc:
+            await self._drop()
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise
+            # The server or the network went away mid-pass: the next pass resumes from the checkpoint.
+            raise TemporarilyUnavailable(f"connection to {self.config.host} lost: {_describe(exc)}") from None
         except BaseException:
             # A half-read connection cannot be trusted for the next pass.
             await self._drop()
@@ -298,7 +313,7 @@ class ImapConnector:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._log.warning("imap_connection_lost", error=f"{type(exc).__name__}: {_text(exc)}"[:300])
+            self._log.warning("imap_connection_lost", error=_describe(exc))
             await self._drop()
             return True
 
@@ -415,6 +430,16 @@ def _utc(value: Any) -> datetime | None:
     return value.astimezone(UTC)
 
 
+def _connection_lost(exc: LoginError) -> bool:
+    """True when a LoginError wraps a dropped connection rather than the server's refusal."""
+    cause = exc.__context__
+    return isinstance(cause, IMAPClientAbortError | OSError) or "socket error" in _text(exc).lower()
+
+
+def _describe(exc: BaseException) -> str:
+    return describe(exc, 300)
+
+
 def _text(exc: BaseException) -> str:
     text = str(exc)
     return text.decode(errors="replace") if isinstance(text, bytes) else text
@@ -428,3 +453,14 @@ def _quiet_close(client: imapclient.IMAPClient) -> None:
             client.shutdown()
         except Exception:
             pass
+
+
+def build(config: MailboxConfig, ctx: Any) -> ImapConnector:
+    """The connector of one configured mailbox (see connectors/registry.py)."""
+    settings = ctx.settings
+    return ImapConnector(
+        config,
+        MailParser(mail_options(settings, config.own_addresses), ctx.pool),
+        max_message_bytes=settings.capture.max_message_bytes,
+        max_batch_bytes=settings.capture.max_batch_bytes,
+    )

@@ -32,7 +32,7 @@ from commsync.config.auth import GOOGLE_TOKEN_URL, MICROSOFT_AUTHORITY_HOST, Mai
 from commsync.config.models import MailboxConfig
 from commsync.config.secrets import state_path, write_secret_file
 
-from .base import AuthError
+from .base import CredentialsRefused, TemporarilyUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -40,11 +40,11 @@ log = structlog.get_logger(__name__)
 REFRESH_MARGIN = 300.0
 
 
-class TokenRefused(AuthError):
+class TokenRefused(CredentialsRefused):
     """The identity provider refused to issue a token; the message says what to fix."""
 
 
-class TokenUnavailable(ConnectionError):
+class TokenUnavailable(TemporarilyUnavailable, ConnectionError):
     """The token endpoint could not be reached or failed; trying later may help."""
 
 

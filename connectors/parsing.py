@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from .base import describe
 from .mail import normalize_email
 
 log = structlog.get_logger(__name__)
@@ -31,6 +32,15 @@ class MailOptions:
     own_addresses: frozenset[str]
     internal_domains: frozenset[str]
     max_content_chars: int
+
+
+def mail_options(settings: Any, own_addresses: frozenset[str]) -> MailOptions:
+    """How mail is normalized under ``settings`` for a mailbox whose own addresses are ``own_addresses``."""
+    return MailOptions(
+        own_addresses=own_addresses,
+        internal_domains=frozenset(settings.internal_domains),
+        max_content_chars=settings.capture.max_content_chars,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +67,7 @@ def normalize_many(items: Sequence[RawMail], options: MailOptions) -> list[tuple
                 truncated_fetch=item.truncated,
             )
         except Exception as exc:  # the normalizer should not raise; one message must not stop a worker
-            out.append((None, f"{type(exc).__name__}: {exc}"[:300]))
+            out.append((None, describe(exc, 300)))
             continue
         record["sources"] = [item.source]
         out.append((record, None))

@@ -47,7 +47,7 @@ from twilio.rest import Client
 
 from commsync.config.models import TWILIO_BASE_URL, TwilioAccountConfig
 
-from .base import AuthError, Batch
+from .base import Batch, CredentialsRefused, MalformedItem, TemporarilyUnavailable, cut, describe
 from .twilio_records import Call, Malformed, Options, call_record, message_record, parse_call, parse_time, unreadable_numbers
 from .twilio_window import MAX_CALL, Conversation, LegGroups, Window
 
@@ -57,7 +57,7 @@ RATE_LIMIT_RETRIES = 4
 RATE_LIMIT_MAX_WAIT = 120.0
 
 
-class TwilioUnavailable(Exception):
+class TwilioUnavailable(TemporarilyUnavailable):
     """Twilio did not answer usefully (5xx, connection, repeated 429): the runner backs off and retries."""
 
 
@@ -226,7 +226,7 @@ class TwilioConnector:
         Retry-After (or a short jittered wait), so the pass goes on from the
         same page. Only repeated 429s, 5xx and network errors reach the
         runner, whose backoff (with jitter) retries the pass from its
-        checkpoint. 401/403 raise AuthError: retrying soon will not help.
+        checkpoint. 401/403 raise CredentialsRefused: retrying soon will not help.
         """
         for attempt in range(RATE_LIMIT_RETRIES + 1):
             try:
@@ -241,13 +241,13 @@ class TwilioConnector:
                 if status is None:
                     raise TwilioUnavailable(f"{what}: {exc}") from None
             except requests.RequestException as exc:
-                raise TwilioUnavailable(f"{what}: {type(exc).__name__}: {exc}"[:300]) from None
+                raise TwilioUnavailable(f"{what}: {describe(exc)}") from None
             except ValueError as exc:  # a 200 whose body is not JSON (a proxy's error page)
-                raise TwilioUnavailable(f"{what}: unreadable response: {exc}"[:300]) from None
+                raise TwilioUnavailable(f"{what}: unreadable response: {cut(str(exc), 300)}") from None
             if status in (401, 403):
                 self._drop()  # the next attempt re-reads the secret (it may have been rotated)
                 reason = "credentials refused" if status == 401 else "permission denied"
-                raise AuthError(f"{what}: {reason} for account {self.config.account_sid} (HTTP {status}{detail})")
+                raise CredentialsRefused(f"{what}: {reason} for account {self.config.account_sid} (HTTP {status}{detail})")
             if status == 404 and missing_ok:
                 return None
             if status == 429 and attempt < RATE_LIMIT_RETRIES:
@@ -258,7 +258,7 @@ class TwilioConnector:
                 self._log.warning("rate_limited", request=what, wait_s=round(wait, 3), attempt=attempt + 1)
                 await self._sleep(wait)
                 continue
-            raise TwilioUnavailable(f"{what}: HTTP {status}{detail}")
+            raise TwilioUnavailable(f"{what}: HTTP {status}{detail}", retry_after=_retry_after(headers) if status in (429, 503) else None)
         raise AssertionError("unreachable")
 
     # -- check ------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ class TwilioConnector:
         try:
             info = await self._request("fetch account", account.fetch)
             return f"account ok: {info.friendly_name!r} ({info.status}, {info.type}); reading {', '.join(self.config.channels)}"
-        except AuthError as exc:
+        except CredentialsRefused as exc:
             if "HTTP 403" not in str(exc):
                 raise
         account = await self._call(self._account)
@@ -295,9 +295,11 @@ class TwilioConnector:
     def _pager(self, what: str, first: Callable[[], Any], key: str) -> Pager:
         return Pager(lambda fn: self._request(what, fn), first, key)
 
-    def _skip(self, stream: str, item: Any, reason: str) -> None:
+    def _skip(self, stream: str, item: Any, reason: str) -> MalformedItem:
+        """Log an item that cannot become a record; the batch hands it on for quarantine."""
         sid = item.get("sid") if isinstance(item, Mapping) else None
         self._log.warning("item_skipped", list=stream, sid=sid, reason=reason)
+        return MalformedItem(reason, item_id=sid if isinstance(sid, str) else None, stream=stream)
 
     def _note_numbers(self, record: Mapping[str, Any]) -> None:
         for address in unreadable_numbers(record):
@@ -319,13 +321,12 @@ class TwilioConnector:
         try:
             while (page := await pages.next()) is not None:
                 items, more = page
-                records, skipped, edge = [], 0, False
+                records, bad, edge = [], [], False
                 for item in items:
                     try:
                         record = message_record(item, self.options)
                     except Malformed as exc:
-                        skipped += 1
-                        self._skip("messages", item, str(exc))
+                        bad.append(self._skip("messages", item, str(exc)))
                         continue
                     if record is None:
                         continue  # not sent yet: it gets a date_sent, and a place in the window, when it is
@@ -335,15 +336,15 @@ class TwilioConnector:
                     elif place != "done":  # "edge" too: the same second may not all have been stored
                         self._note_numbers(record)
                         records.append(record)
-                self._log.info("page_read", list="messages", items=len(items), records=len(records), skipped=skipped)
+                self._log.info("page_read", list="messages", items=len(items), records=len(records), malformed=len(bad))
                 if edge or not more:
-                    yield Batch("messages", records, window.finished(), skipped=skipped)
+                    yield Batch("messages", records, window.finished(), malformed=bad)
                     self._log.info("pass_done", list="messages", **window.finished())
                     return
                 # The next page travels while this one is stored.
                 pages.prefetch()
-                if records or skipped or window.oldest is not None:
-                    yield Batch("messages", records, window.progress(), skipped=skipped)
+                if records or bad or window.oldest is not None:
+                    yield Batch("messages", records, window.progress(), malformed=bad)
         finally:
             await pages.aclose()
 
@@ -355,13 +356,12 @@ class TwilioConnector:
         try:
             while (page := await pages.next()) is not None:
                 items, more = page
-                roots, skipped, edge = [], 0, False
+                roots, bad, edge = [], [], False
                 for item in items:
                     try:
                         call = parse_call(item)
                     except Malformed as exc:
-                        skipped += 1
-                        self._skip("calls", item, str(exc))
+                        bad.append(self._skip("calls", item, str(exc)))
                         continue
                     if call.start is None:
                         continue  # never started (queued, or canceled before it rang): no conversation
@@ -377,17 +377,17 @@ class TwilioConnector:
                 done = edge or not more
                 if done:
                     roots += await self._orphans(account, legs.orphans())
-                records, more_skipped = await self._call_records(account, roots, recordings, window)
-                skipped += more_skipped
-                self._log.info("page_read", list="calls", items=len(items), records=len(records), skipped=skipped)
+                records, more_bad = await self._call_records(account, roots, recordings, window)
+                bad += more_bad
+                self._log.info("page_read", list="calls", items=len(items), records=len(records), malformed=len(bad))
                 if done:
-                    yield Batch("calls", records, window.finished(), skipped=skipped)
+                    yield Batch("calls", records, window.finished(), malformed=bad)
                     self._log.info("pass_done", list="calls", **window.finished())
                     return
                 pages.prefetch()
                 # A resumed pass reads its day again down to where it stopped: nothing to store or checkpoint there.
-                if records or skipped or window.oldest is not None:
-                    yield Batch("calls", records, window.progress(legs.newest()), skipped=skipped)
+                if records or bad or window.oldest is not None:
+                    yield Batch("calls", records, window.progress(legs.newest()), malformed=bad)
                 recordings.forget(window.oldest, keep=legs.sids())
         finally:
             await pages.aclose()
@@ -395,7 +395,7 @@ class TwilioConnector:
 
     async def _call_records(
         self, account: Any, conversations: list[Conversation], recordings: RecordingFeed, window: Window
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> tuple[list[dict[str, Any]], list[MalformedItem]]:
         """Records of the conversations that have ended; open ones hold the cursor instead."""
         ended = []
         for conv in conversations:
@@ -408,18 +408,17 @@ class TwilioConnector:
                 self._log.warning("call_open_too_long", sid=conv.root.sid, status=conv.root.status, start=str(conv.root.start))
         if ended:
             await recordings.read_down_to(min(conv.root.start for conv in ended))
-        records, skipped = [], 0
+        records, bad = [], []
         for conv in ended:
             recs = [*recordings.of(conv.sids()), *conv.recordings]
             try:
                 record = call_record(conv.root, conv.legs, recs, self.options)
             except Malformed as exc:
-                skipped += 1
-                self._skip("calls", conv.root.raw, str(exc))
+                bad.append(self._skip("calls", conv.root.raw, str(exc)))
                 continue
             self._note_numbers(record)
             records.append(record)
-        return records, skipped
+        return records, bad
 
     async def _orphans(self, account: Any, orphans: Mapping[str, list[Call]]) -> list[Conversation]:
         """Conversations whose legs were read but whose parent started before the window.
@@ -548,3 +547,9 @@ class RecordingFeed:
     async def aclose(self) -> None:
         if self._pages is not None:
             await self._pages.aclose()
+
+
+def build(config: TwilioAccountConfig, ctx: Any) -> TwilioConnector:
+    """The connector of one configured Twilio account (see connectors/registry.py)."""
+    settings = ctx.settings
+    return TwilioConnector(config, default_region=settings.default_region, max_content_chars=settings.capture.max_content_chars)

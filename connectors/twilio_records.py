@@ -15,6 +15,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from .base import MalformedItem
 from .phones import split_scheme, to_e164
 
 CALL_FINAL = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
@@ -28,7 +29,7 @@ _SID = {"call": re.compile(r"^CA[0-9a-fA-F]{32}$"), "message": re.compile(r"^(SM
 _OWN_SCHEMES = ("client:",)
 
 
-class Malformed(ValueError):
+class Malformed(MalformedItem, ValueError):
     """An item Twilio returned that cannot become a record; it is skipped with this reason."""
 
 

@@ -24,6 +24,7 @@ from commsync.connectors.phones import to_e164
 
 from . import policy
 from .store import Store, id_variants, now_utc
+from .text import json_default
 
 log = structlog.get_logger(__name__)
 
@@ -40,17 +41,14 @@ class Selection:
 
 async def count(store: Store, q: Mapping[str, Any]) -> Selection:
     """How many records ``q`` selects, and how many distinct customers they involve."""
-    records = await store.records.count_documents(dict(q))
-    rows = await store.records.aggregate(
-        [{"$match": dict(q)}, {"$project": {"customer_ids": 1}}, {"$unwind": "$customer_ids"}, {"$group": {"_id": "$customer_ids"}}, {"$count": "n"}]
-    ).to_list(None)
-    return Selection(records, rows[0]["n"] if rows else 0)
+    records, customers = await store.count_selection(q)
+    return Selection(records, customers)
 
 
 async def find_customer(store: Store, text: Any) -> tuple[dict[str, Any] | None, list[Any]]:
     """The customer document ``text`` names (or None), and the id values to look for in records."""
     variants = id_variants(text)
-    doc = await store.customers.find_one({"_id": {"$in": variants}})
+    doc = await store.find_customer(variants)
     return doc, ([doc["_id"]] if doc else variants)
 
 
@@ -77,7 +75,7 @@ async def delete(store: Store, q: Mapping[str, Any], *, reason: str = "delete") 
     """Delete the records ``q`` selects, tombstoned so capture never brings them back."""
     deleted, customers = 0, set()
     while True:
-        docs = await store.records.find(dict(q), {"customer_ids": 1, "occurred_at": 1}).limit(CHUNK).to_list(None)
+        docs = await store.records_page(q, {"customer_ids": 1, "occurred_at": 1}, CHUNK)
         if not docs:
             break
         n = await store.tombstone_and_delete(docs, reason)
@@ -103,17 +101,17 @@ async def purge(store: Store, days: int, *, now: datetime | None = None, dry_run
         return await count(store, q)
     deleted, customers = 0, set()
     while True:
-        docs = await store.records.find(q, {"customer_ids": 1}).limit(CHUNK).to_list(None)
+        docs = await store.records_page(q, {"customer_ids": 1}, CHUNK)
         if not docs:
             break
-        result = await store.records.delete_many({"_id": {"$in": [d["_id"] for d in docs]}})
+        n = await store.delete_records([d["_id"] for d in docs])
         touched = {cid for d in docs for cid in d.get("customer_ids", ())}
         await store.refresh_history(touched)
         customers |= touched
-        deleted += result.deleted_count
-        if result.deleted_count == 0:
+        deleted += n
+        if n == 0:
             break
-    await store.tombstones.delete_many({"occurred_at": {"$lt": cutoff}})
+    await store.drop_tombstones_before(cutoff)
     log.info("records_purged", records=deleted, customers=len(customers), days=days)
     return Selection(deleted, len(customers))
 
@@ -144,7 +142,7 @@ async def forget(store: Store, customer_text: Any, *, keep_orphans: bool = False
     region = store.default_region
     customer, ids = await find_customer(store, customer_text)
     report = ForgetReport(customer=ids[0], found=customer is not None)
-    report.history_deleted = await store.history.count_documents({"_id": {"$in": ids}}) > 0
+    report.history_deleted = await store.history_of(ids) is not None
     keys = customer_keys(customer or {}, region) | {k for e in extra if (k := policy.key_of(e, region))}
     # Suppress first: capture running meanwhile cannot bring the person back.
     report.suppressed = await store.suppress((policy.suppression_key(k) for k in keys), "forget")
@@ -157,16 +155,14 @@ async def forget(store: Store, customer_text: Any, *, keep_orphans: bool = False
     if addresses:
         pull["participants"] = {"address": {"$in": addresses}}
     while True:
-        docs = await store.records.find(q, {"customer_ids": 1, "occurred_at": 1}).limit(CHUNK).to_list(None)
+        docs = await store.records_page(q, {"customer_ids": 1, "occurred_at": 1}, CHUNK)
         if not docs:
             break
         orphans = [] if keep_orphans else [d for d in docs if not set(d.get("customer_ids", ())) - set(ids)]
         orphan_ids = {d["_id"] for d in orphans}
         kept = [d["_id"] for d in docs if d["_id"] not in orphan_ids]
         deleted = await store.tombstone_and_delete(orphans, "forget")
-        changed = 0
-        if kept:
-            changed = (await store.records.update_many({"_id": {"$in": kept}}, {"$pull": pull})).modified_count
+        changed = await store.pull_from_records(kept, pull)
         touched = {cid for d in docs for cid in d.get("customer_ids", ())}
         await store.refresh_history(touched)
         report.others |= touched - set(ids)
@@ -175,10 +171,10 @@ async def forget(store: Store, customer_text: Any, *, keep_orphans: bool = False
         if deleted + changed == 0:  # nothing matched what we remove: stop rather than spin
             break
     # Normally gone already (a customer left with no records has no history); make sure.
-    await store.history.delete_many({"_id": {"$in": ids}})
+    await store.delete_histories(ids)
     if customer is not None and customer.get("created_by") == policy.AUTO_CREATED_BY:
         # commsync made this document (auto_create or import): it goes too. The CRM's own stay the CRM's.
-        report.customer_deleted = (await store.customers.delete_one({"_id": customer["_id"]})).deleted_count == 1
+        report.customer_deleted = await store.delete_customer(customer["_id"])
     log.info("customer_forgotten", deleted=report.deleted, unlinked=report.unlinked, suppressed=report.suppressed)
     return report
 
@@ -209,8 +205,7 @@ async def _rematch_where(store: Store, q: Mapping[str, Any], report: RematchRepo
     # the query may select on, so a plain cursor could skip or repeat records.
     last = None
     while True:
-        page = dict(q) if last is None else {"$and": [dict(q), {"_id": {"$gt": last}}]}
-        docs = await store.records.find(page, _MATCH_FIELDS).sort("_id", 1).limit(CHUNK).to_list(None)
+        docs = await store.records_after(q, _MATCH_FIELDS, CHUNK, last)
         if not docs:
             return
         await _relink(store, docs, report)
@@ -250,7 +245,7 @@ async def rematch_unmatched(store: Store, *, customers_per_query: int = 500) -> 
     report = RematchReport()
     chunk: list[Mapping[str, Any]] = []
     # One cursor over the customers: their _ids may mix types, which paging by _id would skip.
-    async for customer in store.customers.find({}, {"emails": 1, "phones": 1}):
+    async for customer in store.all_customers():
         chunk.append(customer)
         if len(chunk) >= customers_per_query:
             await _rematch_unmatched_of(store, chunk, report)
@@ -403,13 +398,6 @@ CSV_FIELDS = (
 )
 
 
-def json_default(value: Any) -> Any:
-    """JSON for what BSON has and JSON lacks: dates as ISO 8601, ObjectIds and the rest as strings."""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
-
-
 def json_line(doc: Mapping[str, Any]) -> str:
     return json.dumps(doc, default=json_default, ensure_ascii=False)
 
@@ -478,8 +466,5 @@ async def export(docs: AsyncIterable[Mapping[str, Any]], out: TextIO, fmt: str) 
 
 async def cursor(store: Store, q: Mapping[str, Any], *, sort: Sequence[tuple[str, int]], limit: int | None = None) -> AsyncIterator[dict[str, Any]]:
     """The records ``q`` selects, in ``sort`` order, streamed from the server in batches."""
-    found = store.records.find(dict(q)).sort(list(sort))
-    if limit:
-        found = found.limit(limit)
-    async for doc in found.batch_size(500):
+    async for doc in store.cursor(q, sort=sort, limit=limit):
         yield doc

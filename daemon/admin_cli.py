@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from commsync.connectors import registry
+
 from . import admin, app, policy, queries
 from .schema import SCHEMA_VERSION
 from .store import Store, id_variants
+from .text import cut, json_default
 
 # The store factory; tests may replace it.
 open_store: Callable[[Any], Store] = app.open_store
@@ -83,7 +86,7 @@ def _positive(text: str) -> int:
 def _filter_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters (all must hold)")
     g.add_argument("--customer", metavar="ID", help="records linked to this customer")
-    g.add_argument("--channel", choices=["email", "call", "sms", "whatsapp"])
+    g.add_argument("--channel", choices=registry.channels())
     g.add_argument("--direction", choices=["inbound", "outbound"])
     g.add_argument("--since", type=_when, metavar="WHEN", help="at or after: 2025-03-01, 2025-03-01T09:30, or 30d (ago)")
     g.add_argument("--until", type=_when, metavar="WHEN", help="before (same forms)")
@@ -177,11 +180,6 @@ def _counterpart(doc: Mapping[str, Any]) -> str:
     return (chosen[0].get("address") or "") + more
 
 
-def _cut(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
-
-
 def table(docs: Iterable[Mapping[str, Any]], width: int | None = None) -> list[str]:
     """Records as aligned text rows: when (UTC), channel, direction, counterpart, customers, subject, id."""
     width = width or shutil.get_terminal_size((120, 24)).columns
@@ -193,8 +191,8 @@ def table(docs: Iterable[Mapping[str, Any]], width: int | None = None) -> list[s
                 at.strftime("%Y-%m-%d %H:%M") if at else "",
                 d.get("channel") or "",
                 {"inbound": "in", "outbound": "out"}.get(d.get("direction"), ""),
-                _cut(_counterpart(d), 32),
-                _cut(",".join(str(c) for c in d.get("customer_ids", ())) or "-", 24),
+                cut(_counterpart(d), 32),
+                cut(",".join(str(c) for c in d.get("customer_ids", ())) or "-", 24),
                 d.get("subject") or d.get("content") or "",
                 str(d.get("_id")),
             ]
@@ -205,13 +203,13 @@ def table(docs: Iterable[Mapping[str, Any]], width: int | None = None) -> list[s
     fixed = sum(w + 2 for i, w in enumerate(widths) if i != 5)
     widths[5] = max(20, min(widths[5], width - fixed))
     for r in rows:
-        r[5] = _cut(r[5], widths[5])
+        r[5] = cut(r[5], widths[5])
     fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
     return [fmt.format(*head).rstrip(), *(fmt.format(*r).rstrip() for r in rows)]
 
 
 def _pretty(doc: Any) -> str:
-    return json.dumps(doc, indent=2, default=admin.json_default, ensure_ascii=False)
+    return json.dumps(doc, indent=2, default=json_default, ensure_ascii=False)
 
 
 # -- actions ----------------------------------------------------------------------------------
@@ -231,7 +229,7 @@ async def records_list(store: Store, settings: Any, args: argparse.Namespace, io
 
 
 async def records_show(store: Store, settings: Any, args: argparse.Namespace, io: Console) -> int:
-    doc = await store.records.find_one({"_id": {"$in": id_variants(args.id)}})
+    doc = await store.record(id_variants(args.id))
     if doc is None:
         io.error(f"no record {args.id!r}")
         return 1
@@ -272,7 +270,7 @@ async def records_delete(store: Store, settings: Any, args: argparse.Namespace, 
 
 async def history_show(store: Store, settings: Any, args: argparse.Namespace, io: Console) -> int:
     customer, ids = await admin.find_customer(store, args.customer)
-    hist = await store.history.find_one({"_id": {"$in": ids}})
+    hist = await store.history_of(ids)
     if customer is None and hist is None:
         io.error(f"no customer and no history {args.customer!r}")
         return 1
@@ -280,7 +278,7 @@ async def history_show(store: Store, settings: Any, args: argparse.Namespace, io
     if args.records > 0:
         latest = [d async for d in admin.cursor(store, {"customer_ids": {"$in": ids}}, sort=queries.SORT, limit=args.records)]
     if args.json:
-        io.print(json.dumps({"customer": customer, "history": hist, "records": latest}, default=admin.json_default, ensure_ascii=False))
+        io.print(json.dumps({"customer": customer, "history": hist, "records": latest}, default=json_default, ensure_ascii=False))
         return 0
     name = (customer or {}).get("name")
     io.print(f"customer {ids[0]}" + (f" ({name})" if name else "") + ("" if customer else " (not in the customers collection)"))

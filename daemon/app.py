@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 from commsync.config.models import Settings
+from commsync.connectors import registry
 from commsync.connectors.base import Connector
-from commsync.connectors.imap import ImapConnector
-from commsync.connectors.parsing import MailOptions, MailParser, ParsePool
-from commsync.connectors.twilio import TwilioConnector
+from commsync.connectors.parsing import MailParser, ParsePool, mail_options
 
+from . import retry
 from .policy import from_settings as capture_policy
 from .store import Store
 
@@ -45,32 +46,27 @@ def parse_pool(settings: Settings) -> Iterator[ParsePool]:
 
 
 def mail_parser(settings: Settings, pool: ParsePool | None, own_addresses: frozenset[str]) -> MailParser:
-    options = MailOptions(
-        own_addresses=own_addresses,
-        internal_domains=frozenset(settings.internal_domains),
-        max_content_chars=settings.capture.max_content_chars,
-    )
-    return MailParser(options, pool, workers=parse_workers(settings))
+    return MailParser(mail_options(settings, own_addresses), pool, workers=parse_workers(settings))
 
 
 def all_own_addresses(settings: Settings) -> frozenset[str]:
     """Every configured mailbox's own addresses (for archives that belong to none)."""
-    return frozenset().union(*(m.own_addresses for m in settings.mailboxes))
+    return frozenset().union(*(m.own_addresses for m in settings.sources_of("imap")))
 
 
 def build_connectors(settings: Settings, pool: ParsePool | None) -> list[Connector]:
-    """One connector per configured source: mailboxes, then Twilio accounts."""
-    connectors: list[Connector] = [
-        ImapConnector(
-            mailbox,
-            mail_parser(settings, pool, mailbox.own_addresses),
-            max_message_bytes=settings.capture.max_message_bytes,
-            max_batch_bytes=settings.capture.max_batch_bytes,
-        )
-        for mailbox in settings.mailboxes
-    ]
-    connectors += [
-        TwilioConnector(account, default_region=settings.default_region, max_content_chars=settings.capture.max_content_chars)
-        for account in settings.twilio_accounts
-    ]
-    return connectors
+    """One connector per configured source, kind by kind (see connectors/registry.py)."""
+    context = registry.BuildContext(settings, pool)
+    return [registry.kind_of(source).build(source, context) for source in settings.sources()]
+
+
+def retry_policy(settings: Settings) -> retry.RetryPolicy:
+    """The failure schedule the daemon settings ask for."""
+    d = settings.daemon
+    park = d.park_after if d.park_after > timedelta(0) else None
+    return retry.RetryPolicy(backoff_max=d.backoff_max, auth_backoff_max=d.auth_backoff_max, park_after=park)
+
+
+def source_names(settings: Settings) -> str:
+    """The settings keys that list sources, for messages: "mailboxes, twilio_accounts"."""
+    return ", ".join(k.settings_key for k in registry.kinds())

@@ -13,10 +13,12 @@ from typing import Any
 import structlog
 
 from commsync.config import ConfigError, Settings, load_settings
+from commsync.connectors.base import check_steps
 from commsync.connectors.mbox import MboxConnector
 
 from . import admin_cli, app, auth_cli, logs, service, status
 from .runner import DryRunSink, Runner, StoreSink
+from .text import describe
 
 log = structlog.get_logger(__name__)
 
@@ -91,7 +93,7 @@ def _install_signals(runner: Runner) -> None:
 
 async def _run(settings: Settings, args: Any) -> int:
     if not settings.sources():
-        print("commsync: the config lists no sources (mailboxes, twilio_accounts)", file=sys.stderr)
+        print(f"commsync: the config lists no sources ({app.source_names(settings)})", file=sys.stderr)
         return 2
     if not (args.once or args.dry_run):
         # The long-running service: sd_notify, watchdog, SIGHUP reload, leases, HTTP, upkeep.
@@ -112,8 +114,8 @@ async def _run(settings: Settings, args: Any) -> int:
             sink,
             once=args.once or dry,
             poll_interval=settings.daemon.poll_interval,
-            intervals={s.name: s.poll_interval for s in settings.sources() if s.poll_interval},
-            backoff_max=settings.daemon.backoff_max,
+            intervals={s.name: s.poll_interval for s in settings.sources() if getattr(s, "poll_interval", None)},
+            policy=app.retry_policy(settings),
         )
         _install_signals(runner)
         log.info("started", sources=len(connectors), dry_run=dry, once=runner.once)
@@ -138,19 +140,18 @@ async def _check(settings: Settings, args: Any) -> int:
         await store.ping()
         line(True, "mongodb", f"database {settings.mongodb.database}")
     except Exception as exc:
-        line(False, "mongodb", f"{type(exc).__name__}: {exc}"[:300])
+        line(False, "mongodb", describe(exc))
     finally:
         store.close()
     for connector in app.build_connectors(settings, None):
         # A connector may check in steps (an OAuth2 mailbox: token, then login), one line each.
-        steps = connector.check_steps() if hasattr(connector, "check_steps") else [("", connector.check)]
         try:
-            for step, run in steps:
+            for step, run in check_steps(connector):
                 what = f"{connector.kind} {connector.name}" + (f" {step}" if step else "")
                 try:
                     line(True, what, await run())
                 except Exception as exc:
-                    line(False, what, f"{type(exc).__name__}: {exc}"[:600])
+                    line(False, what, describe(exc))
                     break
         finally:
             await connector.aclose()

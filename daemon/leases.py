@@ -1,14 +1,21 @@
 """Leases: which daemon instance works which source, kept in MongoDB.
 
-Several instances may share one config and one database. Each runs a keeper
-that, every third of the lease time, announces itself, renews the leases it
-holds, gives back what exceeds its share and takes free sources up to it.
-The share is ceil(sources / live instances), capped by ``daemon.max_sources``.
-An instance that dies stops renewing: its leases expire and the others take
-its sources over, resuming from the checkpoints in MongoDB.
+Several instances may share one database, with the same config or different
+ones. Each runs a keeper that, every third of the lease time, announces itself
+(with the sources it is configured for), renews the leases it holds, gives
+back what exceeds its share and takes free sources up to it. A source's
+share is split between the live instances configured for it: an instance's
+share is the sum over its sources of 1 / (instances that can work it),
+rounded up, capped by ``daemon.max_sources``; sources fewer instances can work
+are taken first. An instance that dies stops renewing: its leases expire and
+the others take its sources over, resuming from the checkpoints in MongoDB.
+A restarted instance on the same host takes over the leases of its dead
+predecessor at once (its process is gone), without waiting for them to expire.
 
 A worker syncs only while ``holds(source)`` says its lease is live by the
 local clock, so a stalled instance stops writing before another may start.
+A configured source nobody has held for longer than a lease is reported
+(`source_unowned`, `commsync status`, the metrics).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from typing import Any
 
 import structlog
 
+from .text import describe
+
 log = structlog.get_logger(__name__)
 
 
@@ -32,16 +41,30 @@ def default_owner() -> str:
     return f"{socket.gethostname()}/{os.getpid()}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process (another user): alive
+    return True
+
+
 class LeaseKeeper:
     """Takes, renews and gives back this instance's source leases."""
 
     def __init__(self, store: Any, *, owner: str | None = None, ttl: timedelta = timedelta(seconds=60), max_sources: int | None = None):
         self.store = store
         self.owner = owner or default_owner()
+        self.host = socket.gethostname()
         self.ttl = ttl
         self.max_sources = max_sources
         self.live_instances = 1
         self.healthy = True
+        self.share = 0
+        # Configured sources that no instance has held since (monotonic time); reported after a lease time.
+        self.unowned: dict[str, float] = {}
         self._wanted: dict[str, None] = {}  # an ordered set
         self._held: dict[str, float] = {}  # source -> local (monotonic) expiry
         self._yielding: set[str] = set()
@@ -57,6 +80,12 @@ class LeaseKeeper:
     @property
     def held(self) -> list[str]:
         return [n for n in self._held if self.holds(n)]
+
+    def unowned_for(self, now: float | None = None) -> dict[str, float]:
+        """Configured sources without an owner for longer than a lease: seconds since, by source."""
+        now = time.monotonic() if now is None else now
+        ttl = self.ttl.total_seconds()
+        return {s: now - since for s, since in self.unowned.items() if now - since > ttl}
 
     # -- what workers use --------------------------------------------------------
 
@@ -92,7 +121,8 @@ class LeaseKeeper:
                 await self.store.release_leases([source], self.owner)
             except Exception as exc:
                 # It expires on its own then.
-                log.warning("lease_release_failed", source=source, error=_describe(exc))
+                log.warning("lease_release_failed", source=source, error=describe(exc), expires_in_s=self.ttl.total_seconds())
+                return
         log.info("lease_released", source=source, owner=self.owner)
 
     async def unwant(self, source: str) -> None:
@@ -100,6 +130,7 @@ class LeaseKeeper:
         # Under the lock: a tick in flight must not take a lease nobody will work.
         async with self._lock:
             self._wanted.pop(source, None)
+            self.unowned.pop(source, None)
             held = source in self._held
         if held:
             await self.give_back(source)
@@ -121,7 +152,7 @@ class LeaseKeeper:
                 raise
             except Exception as exc:
                 self.healthy = False
-                log.warning("lease_tick_failed", owner=self.owner, error=_describe(exc))
+                log.warning("lease_tick_failed", owner=self.owner, error=describe(exc))
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.period)
             except TimeoutError:
@@ -135,7 +166,9 @@ class LeaseKeeper:
     async def _tick(self) -> None:
         ttl_s = self.ttl.total_seconds()
         started = time.monotonic()
-        self.live_instances = max(1, await self.store.heartbeat(self.owner, self.ttl, {"pid": os.getpid(), "host": socket.gethostname(), "sources": len(self._held)}))
+        info = {"pid": os.getpid(), "host": self.host, "sources": len(self._held), "sources_configured": list(self._wanted)}
+        instances = await self.store.heartbeat(self.owner, self.ttl, info)
+        self.live_instances = max(1, len(instances))
         if self._held:
             kept = await self.store.renew_leases(list(self._held), self.owner, self.ttl)
             for source in list(self._held):
@@ -147,10 +180,20 @@ class LeaseKeeper:
                     self._held[source] = 0.0
                     self._revoke_source(source, "lease_lost")
 
-        share = math.ceil(len(self._wanted) / self.live_instances)
+        eligible = _eligible(self._wanted, instances, self.owner)
+        share = math.ceil(sum(1 / eligible[s] for s in self._wanted) - 1e-9)
         if self.max_sources is not None:
             share = min(share, self.max_sources)
+        self.share = share
         active = [s for s in self._held if s not in self._yielding and self.holds(s)]
+        candidates = [s for s in self._wanted if s not in self._held]
+        free: set[str] = set()
+        if candidates:
+            owners = await self.store.lease_owners(candidates)
+            free = {s for s in candidates if self._free(owners.get(s))}
+            self._track_unowned(candidates, owners)
+        else:
+            self.unowned.clear()
         if len(active) > share:
             # The newest first: long-held sources stay where their connections are warm.
             for source in active[share:]:
@@ -158,19 +201,49 @@ class LeaseKeeper:
                 self._revoke_source(source, "lease_yielding", share=share, instances=self.live_instances)
             return
         room = share - len(active)
-        candidates = [s for s in self._wanted if s not in self._held]
-        if room <= 0 or not candidates:
+        if room <= 0 or not free:
             return
-        free = list(await self.store.free_sources(candidates, self.owner))
-        # Instances starting together should not all reach for the same sources.
-        random.shuffle(free)
-        for source in free[:room]:
+        # Sources fewer instances can work first; among equals, at random, so that
+        # instances starting together do not all reach for the same ones.
+        order = sorted(free, key=lambda s: (eligible[s], random.random()))
+        for source in order[:room]:
             taken = time.monotonic()
-            if await self.store.acquire_lease(source, self.owner, self.ttl):
+            predecessor = owners[source]["owner"] if owners.get(source) else None
+            if await self.store.acquire_lease(source, self.owner, self.ttl, predecessor=predecessor):
                 self._held[source] = taken + ttl_s
+                self.unowned.pop(source, None)
                 self._revoke[source].clear()
                 self._grant[source].set()
-                log.info("lease_acquired", source=source, owner=self.owner, share=share, instances=self.live_instances)
+                log.info(
+                    "lease_acquired",
+                    source=source,
+                    owner=self.owner,
+                    share=share,
+                    instances=self.live_instances,
+                    **({"from_predecessor": predecessor} if predecessor else {}),
+                )
+
+    def _free(self, lease: dict[str, Any] | None) -> bool:
+        """A source is free when nobody holds a live lease, or its holder is our dead predecessor on this host."""
+        if lease is None or not lease.get("live"):
+            return True
+        if lease["owner"] == self.owner:
+            return True
+        host, _, pid = str(lease["owner"]).rpartition("/")
+        # A restart on the same host (a watchdog kill, a crash): the old process is gone, so its leases are ours to take now.
+        return host == self.host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+
+    def _track_unowned(self, candidates: list[str], owners: dict[str, dict[str, Any]]) -> None:
+        now = time.monotonic()
+        for source in candidates:
+            lease = owners.get(source)
+            if lease is not None and lease.get("live"):
+                self.unowned.pop(source, None)
+            elif source not in self.unowned:
+                self.unowned[source] = now
+        late = self.unowned_for(now)
+        for source, seconds in late.items():
+            log.warning("source_unowned", source=source, seconds=round(seconds), detail="no instance has worked it for longer than a lease")
 
     def _revoke_source(self, source: str, event: str, **fields: Any) -> None:
         if source in self._revoke and not self._revoke[source].is_set():
@@ -186,10 +259,24 @@ class LeaseKeeper:
                 await self.store.release_leases(held, self.owner)
                 await self.store.retire_instance(self.owner)
             except Exception as exc:
-                log.warning("lease_release_failed", owner=self.owner, error=_describe(exc))
+                # Not released: they expire on their own (and a successor on this host takes them at once).
+                log.warning("leases_not_released", owner=self.owner, sources=len(held), error=describe(exc), expire_in_s=self.ttl.total_seconds())
+                return
         if held:
             log.info("leases_released", owner=self.owner, sources=len(held))
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:300]
+def _eligible(wanted: dict[str, None], instances: list[dict[str, Any]], me: str) -> dict[str, int]:
+    """How many live instances can work each of our sources (we can, even before our heartbeat is read)."""
+    counts = dict.fromkeys(wanted, 1)
+    for inst in instances:
+        if inst["_id"] == me:
+            continue
+        configured = inst.get("sources_configured")
+        if configured is None:
+            # An older instance that does not say what it serves: assume it serves what we do.
+            configured = list(wanted)
+        for source in configured:
+            if source in counts:
+                counts[source] += 1
+    return counts

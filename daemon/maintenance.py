@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from . import admin
+from .text import describe
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +79,7 @@ async def maintenance_loop(
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.exception("maintenance_failed", job=job, error=f"{type(exc).__name__}: {exc}"[:300])
+                log.exception("maintenance_failed", job=job, error=describe(exc))
             schedule.done(job, clock())
             ran.append(job)
         if on_pass is not None:

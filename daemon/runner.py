@@ -1,105 +1,39 @@
 """The runner: one supervised task per source.
 
 It owns what connectors must not: storing each batch, saving its checkpoint
-only after the batch is stored, retries with backoff and jitter, waiting
+only after the batch is stored, retries decided by the error's class (see
+retry.py), parking a source whose credentials are refused for days, waiting
 between passes (or for the connector's push, e.g. IMAP IDLE), leases when
 several instances share the sources, each source's status, and a shutdown
-that finishes the batch in hand.
+that finishes the batch in hand within a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import random
-import sys
 import time
 from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, Protocol, TextIO
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 
-from commsync.connectors.base import AuthError, Batch, Connector
+from commsync.connectors import registry
+from commsync.connectors.base import Batch, Connector, ReportsProblems, WaitsForChange, backlog_of
+
+from . import retry
+from .sinks import DryRunSink, KeepsStatus, Sink, StoreSink
+from .text import describe
 
 log = structlog.get_logger(__name__)
 
+__all__ = ["DryRunSink", "Runner", "SourceStatus", "StoreSink"]
+
 # How often, at most, a source's status document is written between passes.
 STATUS_EVERY_S = 5.0
-
-
-class Sink(Protocol):
-    """Where batches go: the store, or stdout for a dry run.
-
-    A sink may also have ``save_source_status(source, fields)``; the runner
-    then keeps each source's status there.
-    """
-
-    async def load_state(self, source: str) -> dict[str, dict[str, Any]]: ...
-
-    async def write(self, source: str, batch: Batch) -> None: ...
-
-    async def save_checkpoint(self, source: str, stream: str, checkpoint: Mapping[str, Any]) -> None: ...
-
-
-class StoreSink:
-    """Batches into MongoDB: records, then histories; checkpoints on request."""
-
-    def __init__(self, store: Any):
-        self.store = store
-
-    async def load_state(self, source: str) -> dict[str, dict[str, Any]]:
-        return await self.store.load_state(source)
-
-    async def write(self, source: str, batch: Batch) -> Any:
-        """Store the batch; returns the store's BatchResult."""
-        result = await self.store.write_batch(batch.records, drop_sources=batch.drop_sources)
-        log.info(
-            "batch_stored",
-            source=source,
-            stream=batch.stream,
-            records=result.records,
-            new=result.inserted,
-            customers=result.customers,
-            skipped=batch.skipped,
-            not_captured=dict(result.not_captured) or None,
-            round_trips=result.round_trips,
-        )
-        return result
-
-    async def save_checkpoint(self, source: str, stream: str, checkpoint: Mapping[str, Any]) -> None:
-        await self.store.save_checkpoint(source, stream, checkpoint)
-        log.debug("checkpoint_saved", source=source, stream=stream, checkpoint=dict(checkpoint))
-
-    async def save_source_status(self, source: str, fields: Mapping[str, Any]) -> None:
-        await self.store.save_source_status(source, fields)
-
-
-class DryRunSink:
-    """Prints each record as one JSON line; keeps no state, so every pass is a full one."""
-
-    def __init__(self, out: TextIO | None = None):
-        self.out = out or sys.stdout
-        self.count = 0
-
-    async def load_state(self, source: str) -> dict[str, dict[str, Any]]:
-        return {}
-
-    async def write(self, source: str, batch: Batch) -> None:
-        lines = [json.dumps(r, default=_json_default, ensure_ascii=False) for r in batch.records]
-        if lines:
-            self.out.write("\n".join(lines) + "\n")
-        self.count += len(lines)
-
-    async def save_checkpoint(self, source: str, stream: str, checkpoint: Mapping[str, Any]) -> None:
-        return None
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
+# How often a parked source looks for `commsync source resume`.
+PARK_POLL_S = 10.0
 
 
 @dataclass
@@ -108,15 +42,23 @@ class SourceStatus:
     kind: str
     passes: int = 0
     records: int = 0
+    # Consecutive failed passes of any kind, and of refused credentials alone.
     failures: int = 0
+    refusals: int = 0
+    refused_since: datetime | None = None
     last_error: str | None = None
     last_error_at: datetime | None = None
     last_success: datetime | None = None
     last_batch_at: datetime | None = None
+    # The newest item ever captured from the source: how fresh it is.
+    newest_item_at: datetime | None = None
     backlog: int | None = None
-    # starting | waiting for lease | syncing | waiting | backoff | stopped
+    # starting | waiting for lease | syncing | waiting | backoff | parked | stopped
     state: str = "starting"
-    history: list[str] = field(default_factory=list)
+    parked_reason: str | None = None
+    parked_at: datetime | None = None
+    # What the connector reports as wrong without failing (a missing folder, a restored mailbox).
+    problems: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -130,6 +72,9 @@ class _Worker:
     started: bool = False
     # Whether the last pass read its source to the end (not halted, no lease lost).
     complete: bool = False
+    # The batch being stored and checkpointed now (shielded from cancellation).
+    in_hand: asyncio.Future[None] | None = None
+    in_hand_batch: Batch | None = None
 
     @property
     def name(self) -> str:
@@ -143,7 +88,9 @@ class Runner:
     ``leases`` (a LeaseKeeper) a source is worked only while this instance
     holds its lease. ``listeners`` get optional callbacks: ``batch_stored(source,
     batch, seconds)``, ``pass_succeeded(status)``, ``pass_failed(status)``,
-    ``source_removed(name)``.
+    ``source_parked(status)``, ``source_removed(name)``. Source status documents
+    are kept when the sink can (`KeepsStatus`) and ``publish_status`` is on
+    (not for a one-off pass by hand).
     """
 
     def __init__(
@@ -154,17 +101,24 @@ class Runner:
         once: bool = False,
         poll_interval: timedelta = timedelta(minutes=1),
         intervals: Mapping[str, timedelta] | None = None,
-        backoff_max: timedelta = timedelta(minutes=10),
+        policy: retry.RetryPolicy | None = None,
+        backoff_max: timedelta | None = None,
         leases: Any = None,
         listeners: Sequence[Any] = (),
+        shutdown_timeout: timedelta = timedelta(seconds=60),
+        publish_status: bool | None = None,
     ):
         self.sink = sink
         self.once = once
         self.poll_interval = poll_interval
         self.intervals = dict(intervals or {})
-        self.backoff_max = backoff_max
+        self.policy = policy or retry.RetryPolicy()
+        if backoff_max is not None:
+            self.policy = replace(self.policy, backoff_max=backoff_max)
         self.leases = leases
         self.listeners = list(listeners)
+        self.shutdown_timeout = shutdown_timeout.total_seconds()
+        self.publish_status = (not once) if publish_status is None else publish_status
         self.status: dict[str, SourceStatus] = {}
         self._workers: dict[str, _Worker] = {}
         self._stop = asyncio.Event()
@@ -184,13 +138,17 @@ class Runner:
     def sources(self) -> list[str]:
         return list(self._workers)
 
+    @property
+    def backoff_max(self) -> timedelta:
+        return self.policy.backoff_max
+
     def connector(self, name: str) -> Connector:
         return self._workers[name].connector
 
     def stop(self) -> None:
         """Ask every worker to finish the batch in hand and return."""
         if not self._stop.is_set():
-            log.info("stopping")
+            log.info("stopping", deadline_s=self.shutdown_timeout)
         self._stop.set()
         for worker in self._workers.values():
             worker.stop.set()
@@ -248,24 +206,52 @@ class Runner:
         try:
             if not self.once:
                 await self._stop.wait()
-            # Workers added while we wait are in the dict too; keep gathering until none is left running.
-            while pending := [w.task for w in self._workers.values() if w.task is not None and not w.task.done()]:
-                await asyncio.gather(*pending)
-            clean = True
+                clean = await self._drain()
+            else:
+                # Workers added while we wait are in the dict too; keep gathering until none is left running.
+                while pending := self._pending():
+                    await asyncio.gather(*pending)
+                clean = True
         finally:
             self._running = False
             if not clean:
-                # Cancelled (the process is dying): leases are left to expire, like a crash.
-                for worker in self._workers.values():
-                    if worker.task is not None:
-                        worker.task.cancel()
-                await asyncio.gather(*(w.task for w in self._workers.values() if w.task), return_exceptions=True)
+                # Cancelled (the process is dying) or past the deadline: leases are left to expire, like a crash.
+                await self._cancel_workers()
             if keeper is not None:
                 keeper.cancel()
                 await asyncio.gather(keeper, return_exceptions=True)
                 if clean:
                     await self.leases.release_all()
         return all(s.last_error is None for s in self.status.values())
+
+    def _pending(self) -> list[asyncio.Task[None]]:
+        return [w.task for w in self._workers.values() if w.task is not None and not w.task.done()]
+
+    async def _drain(self) -> bool:
+        """After a stop: let the workers finish the batch in hand, for at most the shutdown deadline."""
+        deadline = time.monotonic() + self.shutdown_timeout
+        while pending := self._pending():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.wait(pending, timeout=left)
+        late = [w for w in self._workers.values() if w.task is not None and not w.task.done()]
+        for worker in late:
+            batch = worker.in_hand_batch
+            log.warning(
+                "shutdown_abandoned",
+                source=worker.name,
+                deadline_s=self.shutdown_timeout,
+                # The next start re-reads from the last checkpoint: abandoned work is redone, never lost.
+                in_hand=f"{batch.stream}: {len(batch.records)} records" if batch is not None else "reading",
+            )
+        return not late
+
+    async def _cancel_workers(self) -> None:
+        for worker in self._workers.values():
+            if worker.task is not None:
+                worker.task.cancel()
+        await asyncio.gather(*(w.task for w in self._workers.values() if w.task), return_exceptions=True)
 
     async def _supervise(self, worker: _Worker) -> None:
         try:
@@ -282,7 +268,7 @@ class Runner:
                     log.exception("worker_crashed", source=worker.name, crashes=crashes)
                     if self.once:
                         return
-                    await self._until(worker, asyncio.sleep(self._backoff(crashes)), revocable=False)
+                    await self._until(worker, asyncio.sleep(self.policy.delay(retry.ERROR, crashes)), revocable=False)
                     if worker.stop.is_set():
                         return
         finally:
@@ -307,44 +293,144 @@ class Runner:
                     continue
             if not worker.started:
                 worker.started = True
+                await self._restore(worker)
                 bound.info("source_started", owner=self.owner)
+            if status.state == "parked":
+                await self._wait_parked(worker)
+                if status.state == "parked":
+                    break  # stopping
             status.state = "syncing"
             try:
                 stored = await self.run_pass(connector, worker)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                status.failures += 1
-                status.last_error = _describe(exc)
-                status.last_error_at = _now()
-                status.state = "backoff"
-                if isinstance(exc, AuthError):
-                    bound.error("source_failed", error=status.last_error, failures=status.failures, retry="after backoff")
-                else:
-                    bound.exception("source_failed", error=status.last_error, failures=status.failures)
-                self._notify("pass_failed", status)
-                await self._save_status(worker, force=True)
+                wait = await self._failed(worker, exc, bound)
                 if self.once:
                     return
-                await self._until(worker, asyncio.sleep(self._backoff(status.failures)))
+                if wait is not None:
+                    await self._until(worker, asyncio.sleep(wait))
             else:
-                status.records += stored
-                if worker.complete:
-                    # A pass cut short (a stop, a lost lease) is no success: the source is not caught up.
-                    status.passes += 1
-                    status.failures = 0
-                    status.last_error = None
-                    status.last_success = _now()
-                    status.backlog = 0
-                status.state = "waiting"
-                self._notify("pass_succeeded", status)
-                await self._save_status(worker, force=True)
+                await self._succeeded(worker, stored)
                 if self.once:
                     return
                 await self._wait_between_passes(worker)
             if leases is not None and (self._revoked(worker) or not leases.holds(worker.name)) and not worker.stop.is_set():
                 await leases.give_back(worker.name)
                 worker.started = False
+
+    async def _succeeded(self, worker: _Worker, stored: int) -> None:
+        status = self.status[worker.name]
+        status.records += stored
+        status.problems = _problems(worker.connector)
+        if worker.complete:
+            # A pass cut short (a stop, a lost lease) is no success: the source is not caught up.
+            status.passes += 1
+            status.failures = status.refusals = 0
+            status.refused_since = None
+            status.last_error = None
+            status.last_success = _now()
+            status.backlog = 0 if backlog_of(worker.connector) is not None else None
+        status.state = "waiting"
+        self._notify("pass_succeeded", status)
+        await self._save_status(worker, force=True)
+
+    async def _failed(self, worker: _Worker, exc: Exception, bound: Any) -> float | None:
+        """Count and log a failed pass; the seconds to wait before the next, or None when the source is parked now."""
+        status = self.status[worker.name]
+        kind = retry.classify(exc)
+        now = _now()
+        status.failures += 1
+        status.last_error = describe(exc)
+        status.last_error_at = now
+        status.problems = _problems(worker.connector)
+        if kind == retry.REFUSED:
+            status.refusals += 1
+            status.refused_since = status.refused_since or now
+        else:
+            # An outage between refusals does not prove the credentials work again, so
+            # refused_since stays; only a successful pass clears it.
+            status.refusals = 0
+        attempt = status.refusals if kind == retry.REFUSED else status.failures
+        wait = self.policy.delay(kind, attempt, getattr(exc, "retry_after", None))
+        fields = {"error": status.last_error, "failures": status.failures, "retry_in_s": round(wait, 1)}
+        if kind == retry.ERROR and status.failures == 1:
+            # The first of a run gets its traceback; the retries one line each.
+            bound.error("source_failed", **fields, exc_info=exc)
+        elif kind == retry.REFUSED:
+            bound.error("source_failed", reason="credentials_refused", refused_since=status.refused_since.isoformat(), **fields)
+        else:
+            bound.warning("source_failed", reason=kind, **fields)
+        self._notify("pass_failed", status)
+        if kind == retry.REFUSED and not self.once and self.policy.parks(status.refused_since, now):
+            await self._park(worker)
+            return None
+        status.state = "backoff"
+        await self._save_status(worker, force=True)
+        return wait
+
+    # -- parking -------------------------------------------------------------------------
+
+    async def _park(self, worker: _Worker) -> None:
+        status = self.status[worker.name]
+        status.state = "parked"
+        status.parked_at = _now()
+        since = status.refused_since or status.parked_at
+        status.parked_reason = f"credentials refused since {since.astimezone(UTC):%Y-%m-%d %H:%M}Z"
+        log.error(
+            "source_parked",
+            source=worker.name,
+            reason=status.parked_reason,
+            resume=f"fix the credentials and reload, or `commsync source resume {worker.name}`",
+        )
+        self._notify("source_parked", status)
+        await self._save_status(worker, force=True)
+
+    async def _wait_parked(self, worker: _Worker) -> None:
+        """Stay parked, without a login, until `commsync source resume` asks otherwise or the worker stops."""
+        status = self.status[worker.name]
+        load = getattr(self.sink, "load_source_status", None) if self._keeps_status else None
+        while not worker.stop.is_set():
+            doc = await load(worker.name) if load is not None else None
+            asked = _aware((doc or {}).get("resume_requested_at"))
+            if asked is not None and status.parked_at is not None and asked > status.parked_at:
+                log.info("source_resumed", source=worker.name, asked_at=asked.isoformat())
+                status.state = "starting"
+                status.parked_reason = status.parked_at = status.refused_since = None
+                status.refusals = 0
+                await self._save_status(worker, force=True)
+                return
+            await self._until(worker, asyncio.sleep(PARK_POLL_S), revocable=False)
+
+    async def _restore(self, worker: _Worker) -> None:
+        """Pick up what the source's status document remembers: freshness, a refusal run, parking."""
+        if not self._keeps_status:
+            return
+        try:
+            doc = await self.sink.load_source_status(worker.name) or {}  # type: ignore[attr-defined]
+        except Exception as exc:
+            log.warning("status_not_loaded", source=worker.name, error=describe(exc))
+            return
+        status = self.status[worker.name]
+        status.newest_item_at = _later(status.newest_item_at, _aware(doc.get("newest_item_at")))
+        status.last_success = status.last_success or _aware(doc.get("last_success"))
+        fingerprint = _fingerprint(worker.connector)
+        if doc.get("fingerprint") != fingerprint:
+            return  # the source's config changed: whatever it refused before is worth a new try
+        status.refused_since = _aware(doc.get("refused_since"))
+        parked_at = _aware(doc.get("parked_at"))
+        resumed = _aware(doc.get("resume_requested_at"))
+        if doc.get("state") == "parked" and parked_at is not None and not (resumed and resumed > parked_at):
+            status.state = "parked"
+            status.parked_at = parked_at
+            status.parked_reason = doc.get("parked_reason")
+            log.warning("source_still_parked", source=worker.name, reason=status.parked_reason)
+
+    @property
+    def _keeps_status(self) -> bool:
+        return self.publish_status and isinstance(self.sink, KeepsStatus)
+
+    # -- one pass ------------------------------------------------------------------------
 
     async def run_pass(self, connector: Connector, worker: _Worker | None = None) -> int:
         """Read every new batch of one source; store each, then checkpoint it. Returns records stored."""
@@ -366,13 +452,14 @@ class Runner:
                     break
                 # Never interrupted by a stop: a batch in hand is stored and checkpointed.
                 started = time.monotonic()
-                await self.sink.write(connector.name, batch)
-                if self.leases is not None and not self.leases.holds(connector.name):
-                    # The write outlived the lease: the records are in (upserts, harmless twice),
-                    # but the checkpoint is the new owner's to move now, never ours to move back.
-                    log.warning("checkpoint_skipped_lease_expired", source=connector.name, stream=batch.stream)
+                worker.in_hand_batch = batch
+                worker.in_hand = asyncio.ensure_future(self._commit(connector, batch))
+                try:
+                    committed = await asyncio.shield(worker.in_hand)
+                finally:
+                    worker.in_hand_batch = None
+                if not committed:
                     break
-                await self.sink.save_checkpoint(connector.name, batch.stream, batch.checkpoint)
                 stored += len(batch.records)
                 self._batch_done(worker, batch, time.monotonic() - started)
                 await self._save_status(worker)
@@ -380,11 +467,24 @@ class Runner:
             await batches.aclose()
         return stored
 
+    async def _commit(self, connector: Connector, batch: Batch) -> bool:
+        """Store ``batch``, then save its checkpoint; False when the lease was lost meanwhile."""
+        await self.sink.write(connector.name, batch)
+        if self.leases is not None and not self.leases.holds(connector.name):
+            # The write outlived the lease: the records are in (upserts, harmless twice),
+            # but the checkpoint is the new owner's to move now, never ours to move back.
+            log.warning("checkpoint_skipped_lease_expired", source=connector.name, stream=batch.stream)
+            return False
+        await self.sink.save_checkpoint(connector.name, batch.stream, batch.checkpoint)
+        return True
+
     def _batch_done(self, worker: _Worker, batch: Batch, seconds: float) -> None:
         status = self.status.get(worker.name)
         if status is not None:
             status.last_batch_at = _now()
-            status.backlog = getattr(worker.connector, "backlog", None)
+            status.backlog = backlog_of(worker.connector)
+            newest = max((r["occurred_at"] for r in batch.records if isinstance(r.get("occurred_at"), datetime)), default=None)
+            status.newest_item_at = _later(status.newest_item_at, newest)
         self._notify("batch_stored", worker.name, batch, seconds)
 
     async def _next(self, batches: Any, worker: _Worker) -> Batch | None:
@@ -396,16 +496,15 @@ class Runner:
 
     async def _wait_between_passes(self, worker: _Worker) -> None:
         """Sleep until the next poll, or less when the connector reports a change (IMAP IDLE)."""
-        wait_for_change = getattr(worker.connector, "wait_for_change", None)
         remaining = worker.next_poll - time.monotonic()
-        if wait_for_change is None:
+        if not isinstance(worker.connector, WaitsForChange):
             await self._until(worker, asyncio.sleep(max(remaining, 0)))
         elif remaining > 0:
             try:
-                await self._until(worker, wait_for_change(remaining))
+                await self._until(worker, worker.connector.wait_for_change(remaining))
             except Exception as exc:
                 # The next pass finds out what is wrong and backs off if it must.
-                log.warning("wait_failed", source=worker.name, error=_describe(exc))
+                log.warning("wait_failed", source=worker.name, error=describe(exc))
         if time.monotonic() >= worker.next_poll - 0.001:
             # The coming pass is the interval's full poll.
             worker.next_poll = time.monotonic() + worker.interval
@@ -440,11 +539,6 @@ class Runner:
     def _halted(self, worker: _Worker) -> bool:
         return worker.stop.is_set() or self._revoked(worker)
 
-    def _backoff(self, failures: int) -> float:
-        # Exponential with full jitter: failing sources do not retry in lockstep.
-        ceiling = min(self.backoff_max.total_seconds(), 2.0 ** min(failures, 20))
-        return random.uniform(ceiling / 2, ceiling)
-
     # -- status -----------------------------------------------------------------------
 
     def _notify(self, event: str, *args: Any) -> None:
@@ -459,9 +553,8 @@ class Runner:
 
     async def _save_status(self, worker: _Worker, *, force: bool = False) -> None:
         """Keep the source's status document current (at most every few seconds mid-pass)."""
-        save = getattr(self.sink, "save_source_status", None)
         status = self.status.get(worker.name)
-        if save is None or status is None:
+        if not self._keeps_status or status is None:
             return
         now = time.monotonic()
         if not force and now - worker.status_written < STATUS_EVERY_S:
@@ -472,33 +565,56 @@ class Runner:
             "owner": self.owner,
             "state": status.state,
             "consecutive_failures": status.failures,
+            "refusals": status.refusals,
+            "refused_since": status.refused_since,
             "backlog": status.backlog,
+            "problems": status.problems,
+            "parked_at": status.parked_at,
+            "parked_reason": status.parked_reason,
+            "fingerprint": _fingerprint(worker.connector),
         }
-        if status.last_success is not None:
-            fields["last_success"] = status.last_success
-        if status.last_batch_at is not None:
-            fields["last_batch_at"] = status.last_batch_at
+        for key in ("last_success", "last_batch_at", "newest_item_at"):
+            if getattr(status, key) is not None:
+                fields[key] = getattr(status, key)
         if status.last_error is not None:
             # The last error stays visible after a recovery; consecutive_failures says it is over.
             fields["last_error"] = status.last_error
             fields["last_error_at"] = status.last_error_at
         try:
-            await save(worker.name, fields)
+            await self.sink.save_source_status(worker.name, fields)  # type: ignore[attr-defined]
         except Exception as exc:
-            log.warning("status_not_saved", source=worker.name, error=_describe(exc))
+            log.warning("status_not_saved", source=worker.name, error=describe(exc))
+
+
+def _problems(connector: Connector) -> dict[str, str]:
+    return dict(connector.problems) if isinstance(connector, ReportsProblems) else {}
+
+
+def _fingerprint(connector: Connector) -> str | None:
+    config = getattr(connector, "config", None)
+    return registry.fingerprint(config) if config is not None else None
 
 
 async def _quiet_close(connector: Connector) -> None:
     try:
         await connector.aclose()
     except Exception as exc:
-        log.warning("close_failed", source=connector.name, error=_describe(exc))
+        log.warning("close_failed", source=connector.name, error=describe(exc))
 
 
 def _now() -> datetime:
-    return datetime.now().astimezone()
+    return datetime.now(UTC)
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:500]
+def _aware(value: Any) -> datetime | None:
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)

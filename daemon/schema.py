@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from commsync.connectors import registry
+
 SCHEMA_VERSION = 1
 
 _INT = ["int", "long"]
 _STR_OR_NULL = ["string", "null"]
 _DATE_OR_NULL = ["date", "null"]
 
-CHANNELS = ["email", "call", "sms", "whatsapp"]
 DIRECTIONS = ["inbound", "outbound"]
 
 _PARTICIPANT = {
@@ -47,7 +48,17 @@ _ATTACHMENT = {
     },
 }
 
-RECORD_SCHEMA: dict[str, Any] = {
+def record_schema() -> dict[str, Any]:
+    """The contract of a record, with the channels of every registered source kind."""
+    return _RECORD_SCHEMA | {"properties": {**_RECORD_SCHEMA["properties"], "channel": {"enum": registry.channels()}}}
+
+
+def history_schema() -> dict[str, Any]:
+    """The contract of a customer history document."""
+    return _HISTORY_SCHEMA | {"properties": {**_HISTORY_SCHEMA["properties"], "last_channel": {"enum": registry.channels()}}}
+
+
+_RECORD_SCHEMA: dict[str, Any] = {
     "bsonType": "object",
     "title": "commsync record",
     "required": [
@@ -64,7 +75,6 @@ RECORD_SCHEMA: dict[str, Any] = {
     "properties": {
         "_id": {"bsonType": "string"},
         "schema_version": {"bsonType": _INT, "minimum": 1},
-        "channel": {"enum": CHANNELS},
         "direction": {"enum": DIRECTIONS},
         "occurred_at": {"bsonType": "date"},
         "customer_ids": {"bsonType": "array"},
@@ -100,7 +110,7 @@ _CHANNEL_SUMMARY = {
     },
 }
 
-HISTORY_SCHEMA: dict[str, Any] = {
+_HISTORY_SCHEMA: dict[str, Any] = {
     "bsonType": "object",
     "title": "commsync customer history",
     "required": [
@@ -121,7 +131,6 @@ HISTORY_SCHEMA: dict[str, Any] = {
         "total": {"bsonType": _INT, "minimum": 1},
         "first_at": {"bsonType": "date"},
         "last_at": {"bsonType": "date"},
-        "last_channel": {"enum": CHANNELS},
         "last_direction": {"enum": DIRECTIONS},
         "inbound": {"bsonType": _INT, "minimum": 0},
         "outbound": {"bsonType": _INT, "minimum": 0},

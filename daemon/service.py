@@ -26,6 +26,7 @@ from .metrics import Metrics
 from .notify import Notifier
 from .runner import Runner, StoreSink
 from .supervisor import Supervisor
+from .text import describe
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +58,7 @@ async def _serve(settings: Settings, config_path: str | Path, notifier: Notifier
         await store.ensure_lease_indexes()
     except Exception as exc:
         # Restart=on-failure tries again after RestartSec.
-        log.error("mongodb_unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
+        log.error("mongodb_unreachable", error=describe(exc))
         return 1
 
     daemon = settings.daemon
@@ -68,9 +69,10 @@ async def _serve(settings: Settings, config_path: str | Path, notifier: Notifier
         [],
         StoreSink(store),
         poll_interval=daemon.poll_interval,
-        backoff_max=daemon.backoff_max,
+        policy=app.retry_policy(settings),
         leases=leases,
         listeners=[metrics, status_line],
+        shutdown_timeout=daemon.shutdown_timeout,
     )
     status_line.runner = runner
     supervisor = Supervisor(config_path, settings, runner, pool)

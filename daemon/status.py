@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from commsync.config import Settings
+from commsync.connectors import registry
 
 from . import app
+from .text import cut, describe, json_default
 
 COLUMNS = ("SOURCE", "KIND", "OWNER", "STATE", "LAST SUCCESS", "FAILS", "BACKLOG", "LAST ERROR")
 
@@ -21,14 +23,14 @@ async def show_status(settings: Settings, args: Any) -> int:
     try:
         statuses, leases, instances = await store.source_overview()
     except Exception as exc:
-        print(f"commsync: cannot read the status from MongoDB: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
+        print(f"commsync: cannot read the status from MongoDB: {describe(exc)}", file=sys.stderr)
         return 1
     finally:
         store.close()
     now = datetime.now(UTC)
     rows = status_rows(settings.sources(), statuses, leases, now)
     if getattr(args, "json", False):
-        print(json.dumps({"sources": rows, "instances": _instances(instances, now)}, default=_iso, indent=2))
+        print(json.dumps({"sources": rows, "instances": _instances(instances, now)}, default=json_default, indent=2))
     else:
         print(render(rows, _instances(instances, now), now))
     return 0
@@ -88,7 +90,7 @@ def render(rows: Sequence[Mapping[str, Any]], instances: Sequence[Mapping[str, A
                 _when(r["last_success"], now),
                 str(r["consecutive_failures"] or 0),
                 "?" if r["backlog"] is None else str(r["backlog"]),
-                _cut(error, 70),
+                cut(error, 70),
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
@@ -110,7 +112,7 @@ def _instances(docs: Sequence[Mapping[str, Any]], now: datetime) -> list[dict[st
 def _kind_of(configured: Sequence[Any], name: str) -> str | None:
     for c in configured:
         if c.name == name:
-            return "imap" if hasattr(c, "username") else "twilio"
+            return registry.kind_of(c).name
     return None
 
 
@@ -135,14 +137,3 @@ def _ago(value: datetime | None, now: datetime) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
     return f"{seconds}s ago"
-
-
-def _cut(text: str, n: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _iso(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)

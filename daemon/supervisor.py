@@ -16,17 +16,17 @@ from typing import Any
 import structlog
 
 from commsync.config import ConfigError, Settings, load_settings
+from commsync.connectors import registry
 from commsync.connectors.parsing import ParsePool
 
 from . import app, logs
 
 log = structlog.get_logger(__name__)
 
-# Everything a connector is built from besides its own entry.
-# Keys no connector is built from: changing them restarts no source.
-_NOT_SHARED = {"mailboxes", "twilio_accounts", "daemon", "log_level", "mongodb", "customers", "blocklist", "capture_automated", "retention", "rematch"}
+# Keys no connector is built from (besides the source lists): changing them restarts no source.
+_NOT_SHARED = {"daemon", "log_level", "mongodb", "customers", "blocklist", "capture_automated", "retention", "rematch"}
 _RESTART_KEYS = ("mongodb", "customers", "default_region", "retention", "rematch")
-_RESTART_ONLY = ("parse_workers", "max_sources", "lease_ttl", "instance", "http")
+_RESTART_ONLY = ("parse_workers", "max_sources", "lease_ttl", "instance", "http", "shutdown_timeout")
 
 
 class Supervisor:
@@ -79,16 +79,13 @@ class Supervisor:
             # Blocklist, automated mail, capture.policy: the next batch follows the new file;
             # the keys that need a restart keep their running values here too.
             store.capture = app.capture_policy(new.model_copy(update={k: getattr(old, k) for k in _RESTART_KEYS}))
-        self.runner.backoff_max = new.daemon.backoff_max
+        self.runner.policy = app.retry_policy(new)
         self.runner.poll_interval = new.daemon.poll_interval
 
         await asyncio.gather(*(self.runner.remove(name) for name in removed + changed))
         wanted = set(added + changed)
         subset = new.model_copy(
-            update={
-                "mailboxes": [m for m in new.mailboxes if m.name in wanted],
-                "twilio_accounts": [t for t in getattr(new, "twilio_accounts", []) if t.name in wanted],
-            }
+            update={k.settings_key: [s for s in getattr(new, k.settings_key) if s.name in wanted] for k in registry.kinds()}
         )
         for connector in app.build_connectors(subset, self.pool):
             self.runner.add(connector, interval=_interval(new, connector.name))
@@ -100,7 +97,7 @@ class Supervisor:
 
 def _fingerprints(settings: Settings) -> dict[str, Any]:
     """Per source: everything its connector is built from (secrets compare by value)."""
-    shared = settings.model_dump(exclude=_NOT_SHARED)
+    shared = settings.model_dump(exclude=_NOT_SHARED | {k.settings_key for k in registry.kinds()})
     return {s.name: (s.model_dump(), _interval(settings, s.name), shared) for s in settings.sources()}
 
 

@@ -8,7 +8,8 @@ from commsync.daemon.runner import StoreSink
 class CountingSink(StoreSink):
     """Remembers what each batch carried, to prove what was fetched.
 
-    ``batches`` holds one ``(source, stream, n_records, skipped)`` per batch.
+    ``batches`` holds one ``(source, stream, n_records, left_out)`` per batch, where
+    ``left_out`` counts items skipped with a reason plus those handed on for quarantine.
     """
 
     def __init__(self, store):
@@ -16,7 +17,7 @@ class CountingSink(StoreSink):
         self.batches = []
 
     async def write(self, source, batch):
-        self.batches.append((source, batch.stream, len(batch.records), batch.skipped))
+        self.batches.append((source, batch.stream, len(batch.records), batch.skipped + len(batch.malformed)))
         await super().write(source, batch)
 
 

@@ -290,8 +290,8 @@ def as_json_schema(node):
     return node
 
 
-RECORDS = BsonSchema(as_json_schema(schema.RECORD_SCHEMA))
-HISTORIES = BsonSchema(as_json_schema(schema.HISTORY_SCHEMA))
+RECORDS = BsonSchema(as_json_schema(schema.record_schema()))
+HISTORIES = BsonSchema(as_json_schema(schema.history_schema()))
 
 
 def errors(validator, doc):
@@ -400,7 +400,7 @@ async def test_init_db_installs_validators_on_a_real_server(store):
     assert type(caught.value).__name__ == "WriteError"
     info = await store.db.command("listCollections", filter={"name": "records"})
     options = info["cursor"]["firstBatch"][0]["options"]
-    assert options["validationLevel"] == "moderate" and options["validator"] == schema.validator(schema.RECORD_SCHEMA)
+    assert options["validationLevel"] == "moderate" and options["validator"] == schema.validator(schema.record_schema())
     await store.init_db()  # again: collMod, no error
 
 

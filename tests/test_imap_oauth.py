@@ -248,7 +248,7 @@ async def test_mailbox_not_granted_names_what_to_fix(oauth, oauth_dovecot, tmp_p
     ok, runner = await sync(settings(box(oauth_dovecot, oauth, user, "ng", microsoft(oauth, tmp_path, user, granted=False))), memory_store)
     assert not ok
     error = runner.status["ng"].last_error
-    assert error.startswith("AuthError: Exchange Online refused a fresh app-only token")
+    assert error.startswith("CredentialsRefused: Exchange Online refused a fresh app-only token")
     assert "Add-MailboxPermission" in error and "IMAP.AccessAsApp" in error
     # The first token was refused, one fresh one was fetched and refused too: no more.
     assert oauth.grants("client_credentials") == before + 2

@@ -107,7 +107,8 @@ async def test_uidvalidity_change_resyncs_without_duplicates(dovecot, imap_user,
     assert sum(b[2] for b in sink.batches) == 4  # the folder was read again
     assert await memory_store.records.count_documents({}) == 4
     for rec in await memory_store.records.find().to_list(None):
-        assert [s["uidvalidity"] for s in rec["sources"]] == [new]
+        # Where it was seen under the old UIDVALIDITY stays, marked gone; where it is now is live.
+        assert [(s["uidvalidity"], "gone_at" in s) for s in rec["sources"]] == [(old, True), (new, False)]
     assert (await memory_store.load_state("box0"))["INBOX"]["uidvalidity"] == new
 
 
@@ -194,7 +195,7 @@ async def test_wrong_password_fails_that_mailbox_only(dovecot, memory_store):
     settings = settings_for(dovecot, good, type(bad)(bad.name, "wrong-password"))
     ok, runner, _ = await sync(settings, memory_store)
     assert not ok
-    assert "AuthError" in runner.status["box1"].last_error
+    assert "CredentialsRefused" in runner.status["box1"].last_error
     assert "wrong-password" not in runner.status["box1"].last_error
     assert runner.status["box0"].last_error is None
     assert await memory_store.records.count_documents({}) == 1
@@ -280,7 +281,7 @@ def test_cli_check_reports_each_item(dovecot, imap_user, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ok    mongodb" in out
     assert "ok    imap ok" in out and "login ok" in out
-    assert "FAIL  imap nope" in out and "AuthError" in out
+    assert "FAIL  imap nope" in out and "CredentialsRefused" in out
 
 
 async def test_batches_are_bounded_by_bytes_as_well_as_count(dovecot, imap_user, memory_store):

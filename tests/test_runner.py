@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from datetime import timedelta
 
 import pytest
+from structlog.testing import capture_logs
 
-from commsync.connectors.base import AuthError, Batch
+from commsync.connectors.base import Batch, CredentialsRefused, TemporarilyUnavailable
+from commsync.daemon import runner as runner_module
+from commsync.daemon.retry import RetryPolicy
 from commsync.daemon.runner import DryRunSink, Runner, StoreSink
 
+from eventually import eventually
 from records import T0, email_record, hours
 from sinks import CrashingSink
 
@@ -44,7 +49,7 @@ class ListConnector:
 
 class AuthFailing(ListConnector):
     async def batches(self, state):
-        raise AuthError("login refused")
+        raise CredentialsRefused("login refused")
         yield  # pragma: no cover
 
 
@@ -68,7 +73,7 @@ async def test_one_failing_source_does_not_stop_the_others(memory_store):
     assert await runner.run() is False
     assert runner.status["good"].last_error is None and runner.status["good"].records == 7
     assert "ConnectionError" in runner.status["broken"].last_error
-    assert "AuthError" in runner.status["auth"].last_error
+    assert "CredentialsRefused" in runner.status["auth"].last_error
     assert await memory_store.records.count_documents({"sources.source": "good"}) == 7
     assert await memory_store.records.count_documents({"sources.source": "broken"}) == 3
     assert broken.closed and good.closed
@@ -85,10 +90,9 @@ async def test_failing_source_is_retried_with_backoff_while_others_run(memory_st
             async for b in super().batches(state):
                 yield b
 
-    from datetime import timedelta
-
-    runner = Runner([Flaky("flaky", 4)], StoreSink(memory_store), poll_interval=timedelta(seconds=30))
-    runner._backoff = lambda failures: 0.01  # the schedule itself is tested below
+    # The schedule itself is tested in test_retry.py; here it is made fast.
+    fast = RetryPolicy(backoff_max=timedelta(milliseconds=10))
+    runner = Runner([Flaky("flaky", 4)], StoreSink(memory_store), poll_interval=timedelta(seconds=30), policy=fast)
     task = asyncio.create_task(runner.run())
     for _ in range(200):
         if await memory_store.records.count_documents({}) == 4:
@@ -97,16 +101,6 @@ async def test_failing_source_is_retried_with_backoff_while_others_run(memory_st
     runner.stop()
     assert await asyncio.wait_for(task, 5) is True
     assert Flaky.attempts == 3 and runner.status["flaky"].failures == 0
-
-
-def test_backoff_grows_with_jitter_and_is_capped():
-    from datetime import timedelta
-
-    runner = Runner([], DryRunSink(io.StringIO()), backoff_max=timedelta(seconds=60))
-    waits = [runner._backoff(n) for n in range(1, 12)]
-    assert 1 <= waits[0] <= 2 and 8 <= waits[3] <= 16
-    assert all(30 <= w <= 60 for w in waits[6:])
-    assert len({round(runner._backoff(5), 6) for _ in range(20)}) > 1
 
 
 async def test_stop_finishes_the_batch_in_hand_and_checkpoints_it(memory_store):
@@ -165,3 +159,109 @@ async def test_a_lease_lost_during_the_write_keeps_the_checkpoint_where_it_was(m
     assert stored == 0  # written, but not counted as done: no checkpoint moved
     assert await memory_store.records.count_documents({}) == 3  # upserts: the new owner re-reads them harmlessly
     assert await memory_store.load_state("a") == {}
+
+
+# -- refused credentials: backoff, parking, resume ------------------------------------------------
+
+FAST_REFUSALS = RetryPolicy(
+    backoff_max=timedelta(milliseconds=10),
+    auth_backoff_min=timedelta(milliseconds=10),
+    auth_backoff_max=timedelta(milliseconds=20),
+    park_after=timedelta(milliseconds=150),
+)
+
+
+class Refusing(ListConnector):
+    """Refuses its credentials until ``fixed``; counts its login attempts."""
+
+    def __init__(self, name, total=2, error=None):
+        super().__init__(name, total)
+        self.attempts = 0
+        self.fixed = False
+        self.error = error or CredentialsRefused("login refused for sales@example.com")
+
+    async def batches(self, state):
+        self.attempts += 1
+        if not self.fixed:
+            raise self.error
+        async for b in super().batches(state):
+            yield b
+
+
+async def test_a_source_refused_for_long_is_parked_while_the_others_capture(memory_store, monkeypatch):
+    monkeypatch.setattr(runner_module, "PARK_POLL_S", 0.02)
+    refusing, good = Refusing("sales"), ListConnector("good", 4)
+    runner = Runner([refusing, good], StoreSink(memory_store), poll_interval=timedelta(seconds=30), policy=FAST_REFUSALS)
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: runner.status["sales"].state == "parked", what="parked")
+        doc = await memory_store.source_status("sales")
+        assert doc["state"] == "parked" and doc["parked_reason"].startswith("credentials refused since ")
+        attempts = refusing.attempts
+        await asyncio.sleep(0.2)  # many backoff periods: a parked source does not log in
+        assert refusing.attempts == attempts
+        assert await memory_store.records.count_documents({"sources.source": "good"}) == 4
+
+        # `commsync source resume sales`, after the password was fixed.
+        refusing.fixed = True
+        assert await memory_store.request_resume("sales")
+        await eventually(lambda: runner.status["sales"].records == 2, what="resumed and captured")
+        assert runner.status["sales"].state == "waiting" and runner.status["sales"].refused_since is None
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_parked_source_stays_parked_across_a_restart(memory_store, monkeypatch):
+    monkeypatch.setattr(runner_module, "PARK_POLL_S", 0.02)
+    first = Runner([Refusing("sales")], StoreSink(memory_store), policy=FAST_REFUSALS)
+    task = asyncio.create_task(first.run())
+    await eventually(lambda: first.status["sales"].state == "parked")
+    first.stop()
+    await asyncio.wait_for(task, 5)
+
+    again = Refusing("sales")
+    second = Runner([again], StoreSink(memory_store), policy=FAST_REFUSALS)
+    task = asyncio.create_task(second.run())
+    try:
+        await eventually(lambda: second.status["sales"].state == "parked")
+        await asyncio.sleep(0.1)
+        assert again.attempts == 0  # no login at all: it was parked before the restart
+    finally:
+        second.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_outages_are_retried_and_never_park(memory_store):
+    down = Refusing("sales", error=TemporarilyUnavailable("connection reset during login"))
+    runner = Runner([down], StoreSink(memory_store), policy=FAST_REFUSALS)
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: down.attempts >= 20, what="keeps retrying")
+        assert runner.status["sales"].state in ("backoff", "syncing") and runner.status["sales"].refused_since is None
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_one_off_pass_by_hand_leaves_the_live_status_alone(memory_store):
+    await memory_store.save_source_status("sales", {"state": "waiting", "consecutive_failures": 0})
+    assert await Runner([Refusing("sales")], StoreSink(memory_store), once=True).run() is False
+    doc = await memory_store.source_status("sales")
+    assert doc["consecutive_failures"] == 0 and "last_error" not in doc
+
+
+async def test_the_shutdown_deadline_abandons_a_stuck_batch_and_says_so(memory_store):
+    class Stuck(StoreSink):
+        async def write(self, source, batch):
+            runner.stop()
+            await asyncio.sleep(30)  # a database that stopped answering
+
+    runner = Runner([ListConnector("a", 9)], Stuck(memory_store), shutdown_timeout=timedelta(milliseconds=100))
+    with capture_logs() as logs:
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(runner.run(), 5)
+    assert asyncio.get_running_loop().time() - started < 2
+    abandoned = [e for e in logs if e["event"] == "shutdown_abandoned"]
+    assert abandoned and abandoned[0]["source"] == "a" and abandoned[0]["in_hand"] == "s: 3 records"
+    assert await memory_store.load_state("a") == {}  # nothing checkpointed past what is stored

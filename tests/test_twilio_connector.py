@@ -511,7 +511,7 @@ async def test_401_fails_that_account_while_another_account_and_a_mailbox_keep_s
     ok, runner, _ = await sync(settings, memory_store)
     assert not ok
     error = runner.status["support"].last_error
-    assert "AuthError" in error and "credentials refused" in error and ACC in error and "HTTP 401" in error
+    assert "CredentialsRefused" in error and "credentials refused" in error and ACC in error and "HTTP 401" in error
     assert "wrong-token" not in error
     assert runner.status["sales"].last_error is None and runner.status["mail"].last_error is None
     recs = await memory_store.records.find().to_list(None)
@@ -524,7 +524,7 @@ async def test_403_is_an_auth_failure_with_a_clear_reason(fake, memory_store):
     settings = settings_for(account(fake, channels=["messages"]))
     ok, runner, _ = await sync(settings, memory_store)
     assert not ok
-    assert "AuthError" in runner.status["support"].last_error and "permission denied" in runner.status["support"].last_error
+    assert "CredentialsRefused" in runner.status["support"].last_error and "permission denied" in runner.status["support"].last_error
 
 
 async def test_api_key_credentials_from_a_file(fake, memory_store, tmp_path):
@@ -797,7 +797,7 @@ def test_cli_check_prints_a_line_per_twilio_account(fake, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ok    twilio support" in out and "account ok: 'Support line' (active, Full)" in out
     assert "ok    twilio keyed" in out and "calls, messages readable" in out
-    assert "FAIL  twilio nope" in out and "AuthError" in out and "credentials refused" in out
+    assert "FAIL  twilio nope" in out and "CredentialsRefused" in out and "credentials refused" in out
     assert "wrong" not in out.split("twilio nope", 1)[1].replace("wrong-", "")  # the bad token is not echoed
     account_fetches = [r for r in fake.requests if r.path.endswith(f"{ACC}.json")]
     assert len(account_fetches) == 2  # one cheap request per account

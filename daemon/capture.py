@@ -1,0 +1,111 @@
+"""What one batch does to the store, decided before anything is written. Pure.
+
+The store reads what it needs for a batch in one round trip (the records'
+previous customers, tombstones, suppressed participants, matching customers),
+then `plan` decides everything: which records are left out and why, who each
+remaining record belongs to, which customers commsync creates, whose histories
+change. The store then writes the plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from . import matching, policy
+
+
+@dataclass(slots=True)
+class Screened:
+    """A batch after the rules that need no lookup: one entry per _id, and what was left out."""
+
+    records: dict[Any, dict[str, Any]]
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, rid: Any, reason: str) -> None:
+        if self.records.pop(rid, None) is not None:
+            self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Lookups:
+    """What the store read for a batch."""
+
+    previous: Mapping[Any, list[Any]]  # record id -> its customer ids, for records stored before
+    tombstoned: frozenset[Any]
+    suppressed: frozenset[str]  # suppression digests among the batch's participants
+    by_key: Mapping[str, list[Any]]  # participant key -> customer ids (matching.index_customers)
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything a batch writes."""
+
+    records: dict[Any, dict[str, Any]]
+    customer_ids: dict[Any, list[Any]]
+    create: list[dict[str, Any]]
+    touched: set[Any]
+    dropped: dict[str, int]
+
+
+def screen(records: Iterable[Mapping[str, Any]], capture: policy.CapturePolicy, now: datetime) -> Screened:
+    """Merge duplicates of one _id and apply the capture rules that need no lookup."""
+    screened = Screened(merge_duplicates(records))
+    for rid, record in list(screened.records.items()):
+        reason = policy.screen(record, capture, now)
+        if reason:
+            screened.drop(rid, reason)
+    return screened
+
+
+def lookup_keys(screened: Screened, region: str | None) -> tuple[list[Any], list[str], set[str]]:
+    """What the store must read for a batch: record ids, suppression digests, participant addresses."""
+    records = screened.records.values()
+    digests = sorted({policy.suppression_key(k) for r in records for k in policy.external_keys(r, region)})
+    addresses = set().union(*(matching.external_addresses(r) for r in records)) if screened.records else set()
+    return list(screened.records), digests, addresses
+
+
+def plan(screened: Screened, found: Lookups, capture: policy.CapturePolicy, region: str | None) -> Plan:
+    """Decide the batch: tombstones and suppression, matching, customers to create, ``matched`` policy."""
+    for rid in found.tombstoned:
+        screened.drop(rid, "tombstoned")
+    for rid, record in list(screened.records.items()):
+        kept = policy.redact(record, set(found.suppressed), region)
+        if kept is None:
+            screened.drop(rid, "suppressed")
+        else:
+            screened.records[rid] = kept
+    records = screened.records
+    created = policy.customers_to_create(records.values(), found.by_key, capture.auto_create)
+    by_key = {**found.by_key, **{key: [doc["_id"]] for key, doc in created.items()}}
+    assigned = {rid: matching.assign(r, by_key) for rid, r in records.items()}
+    if capture.matched_only:
+        # A stored record that no longer matches is updated, not left stale.
+        for rid in [rid for rid, cids in assigned.items() if not cids and rid not in found.previous]:
+            screened.drop(rid, "unmatched")
+            del assigned[rid]
+    used = {cid for cids in assigned.values() for cid in cids}
+    touched = used | {cid for rid in records for cid in found.previous.get(rid, ())}
+    return Plan(
+        records=records,
+        customer_ids=assigned,
+        create=[doc for doc in created.values() if doc["_id"] in used],
+        touched=touched,
+        dropped=screened.dropped,
+    )
+
+
+def merge_duplicates(records: Iterable[Mapping[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """One entry per _id: a batch may hold the same message twice (two folders, a duplicate)."""
+    merged: dict[Any, dict[str, Any]] = {}
+    for record in records:
+        rid = record["_id"]
+        if rid in merged:
+            sources = merged[rid].setdefault("sources", [])
+            sources.extend(s for s in record.get("sources", ()) if s not in sources)
+        else:
+            merged[rid] = {**record, "sources": list(record.get("sources", ()))}
+    return merged

@@ -1,0 +1,130 @@
+"""Quarantine: items that could not be captured, kept visible until they are or an admin lets them go.
+
+An item lands here when its connector could not read it (a parse worker that
+died on it, a Twilio item whose fields make no sense) or the server refused
+its record (too large, a validator). Its batch goes on without it. Passes
+retry it a few times with backoff (``next_attempt_at``); after
+``MAX_ATTEMPTS`` it waits for an admin (`commsync quarantine retry|drop`).
+Nothing here holds the item's content: source, stream, the item's id there,
+the reason and the attempts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from pymongo import UpdateOne
+
+from commsync.connectors.base import MalformedItem
+
+from ..text import cut
+from .base import StoreBase, now_utc
+
+MAX_ATTEMPTS = 5
+# The n-th automatic retry waits FIRST_RETRY * 4**(n-1): 5 minutes, 20 minutes, 80 minutes, ...
+FIRST_RETRY = timedelta(minutes=5)
+
+
+def quarantine_id(source: str | None, stream: str | None, item_id: Any, reason: str) -> str:
+    """The entry's _id: one per item (an item without an id is one per reason)."""
+    key = item_id if item_id is not None else "sha1:" + hashlib.sha1(reason.encode()).hexdigest()[:16]
+    return f"{source or '?'}/{stream or '?'}/{key}"
+
+
+def next_retry(attempts: int) -> timedelta | None:
+    """When the next automatic retry comes after ``attempts``; None once it is the admin's turn."""
+    if attempts >= MAX_ATTEMPTS:
+        return None
+    return FIRST_RETRY * 4 ** max(0, attempts - 1)
+
+
+class QuarantineMixin(StoreBase):
+    """The `quarantine` collection."""
+
+    async def quarantine_items(self, source: str | None, stream: str | None, items: Sequence[MalformedItem]) -> int:
+        """Keep ``items`` the connector could not read; how many entries were written."""
+        entries = [(item.stream or stream, item.item_id, None, item.reason) for item in items]
+        return await self._quarantine(source, entries)
+
+    async def quarantine_records(self, source: str | None, stream: str | None, refused: Sequence[tuple[dict[str, Any], str]]) -> int:
+        """Keep the ids of records that could not be stored, with why."""
+        entries = [(stream, _item_id(record, source, stream), record.get("_id"), reason) for record, reason in refused]
+        return await self._quarantine(source, entries)
+
+    async def _quarantine(self, source: str | None, entries: Iterable[tuple[str | None, Any, Any, str]]) -> int:
+        now = now_utc()
+        ops = []
+        for stream, item_id, record_id, reason in entries:
+            reason = cut(reason, 300)
+            qid = quarantine_id(source, stream, item_id, reason)
+            ops.append(
+                UpdateOne(
+                    {"_id": qid},
+                    {
+                        "$set": {"source": source, "stream": stream, "item_id": item_id, "record_id": record_id, "reason": reason, "last_attempt_at": now},
+                        "$setOnInsert": {"first_attempt_at": now},
+                        "$inc": {"attempts": 1},
+                    },
+                    upsert=True,
+                )
+            )
+        if not ops:
+            return 0
+        await self.quarantined.bulk_write(ops, ordered=False)
+        # The schedule follows the attempt count the server now holds.
+        ids = [op._filter["_id"] for op in ops]
+        docs = await self.quarantined.find({"_id": {"$in": ids}}, {"attempts": 1}).to_list(None)
+        await self.quarantined.bulk_write(
+            [UpdateOne({"_id": d["_id"]}, {"$set": {"next_attempt_at": _due(now, d.get("attempts", 1))}}) for d in docs], ordered=False
+        )
+        return len(ops)
+
+    async def quarantine_list(self, source: str | None = None) -> list[dict[str, Any]]:
+        """Every entry (of one source), oldest first."""
+        q = {} if source is None else {"source": source}
+        return await self.quarantined.find(q).sort("first_attempt_at", 1).to_list(None)
+
+    async def quarantine_get(self, qid: str) -> dict[str, Any] | None:
+        return await self.quarantined.find_one({"_id": qid})
+
+    async def quarantine_due(self, source: str) -> list[dict[str, Any]]:
+        """Entries of ``source`` whose automatic retry is due now."""
+        return await self.quarantined.find({"source": source, "next_attempt_at": {"$lte": now_utc()}}).to_list(None)
+
+    async def quarantine_retry_now(self, qid: str) -> bool:
+        """Make an entry due at the next pass (`commsync quarantine retry`); False when unknown."""
+        result = await self.quarantined.update_one({"_id": qid}, {"$set": {"next_attempt_at": now_utc(), "attempts": 0}})
+        return result.matched_count == 1
+
+    async def quarantine_drop(self, qid: str) -> bool:
+        """Let an entry go for good (`commsync quarantine drop`); False when unknown."""
+        return (await self.quarantined.delete_one({"_id": qid})).deleted_count == 1
+
+    async def quarantine_clear(self, source: str, stream: str, item_ids: Iterable[Any]) -> int:
+        """Forget entries whose items are stored now."""
+        ids = list(item_ids)
+        if not ids:
+            return 0
+        result = await self.quarantined.delete_many({"source": source, "stream": stream, "item_id": {"$in": ids}})
+        return result.deleted_count
+
+    async def quarantine_counts(self) -> dict[tuple[str, str], int]:
+        """Entries by (source, stream)."""
+        rows = await self.quarantined.aggregate([{"$group": {"_id": {"source": "$source", "stream": "$stream"}, "n": {"$sum": 1}}}]).to_list(None)
+        return {(r["_id"]["source"], r["_id"]["stream"]): r["n"] for r in rows}
+
+
+def _due(now: Any, attempts: int) -> Any:
+    wait = next_retry(attempts)
+    return now + wait if wait is not None else None
+
+
+def _item_id(record: dict[str, Any], source: str | None, stream: str | None) -> Any:
+    """The id of the record's item in ``source``/``stream``: an IMAP UID, else the record's own id (a Twilio SID)."""
+    for entry in record.get("sources", ()):
+        if entry.get("source") == source and entry.get("uid") is not None and entry.get("folder", stream) == stream:
+            return entry["uid"]
+    return record.get("_id")
