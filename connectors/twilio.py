@@ -70,6 +70,10 @@ class _RebasingHttpClient(TwilioHttpClient):
     def __init__(self, base_url: str, **kwargs: Any):
         super().__init__(**kwargs)
         self._base = base_url.rstrip("/")
+        if self._base.startswith("http://") and self.session is not None:
+            # Plain http is allowed to this machine only: an HTTP_PROXY from the
+            # environment would carry the Basic auth credentials off it in clear text.
+            self.session.trust_env = False
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
         parts = urlsplit(url)

@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     auth_login = with_config(auth_sub.add_parser("login", help="sign in (device code or browser) and save the mailbox's refresh token"))
     auth_login.add_argument("name", help="the mailbox's name in the config")
     auth_login.set_defaults(handler=auth_cli.login_command)
-    sub.add_parser("demo", help="import a bundled sample mailbox into an in-memory store and show the histories")
+    sub.add_parser("demo", help="import a bundled sample mailbox and Twilio account into an in-memory store and show the histories")
     return parser
 
 

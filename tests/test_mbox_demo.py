@@ -82,5 +82,5 @@ async def test_demo_prints_every_customer_history():
     # is automated mail, which is not captured unless capture_automated is set.
     automated = ("Auto-Submitted", "List-Id", "Precedence", "List-Unsubscribe")
     distinct = {m["Message-ID"] for m in mailbox.mbox(mbox_path) if not any(m[h] for h in automated)}
-    assert f"{len(distinct)} records" in text
+    assert f"{mbox_path.name}, {len(distinct)} records" in text
     assert "Not captured (automated): 1" in text
