@@ -129,9 +129,9 @@ def rows(model: type[BaseModel] = Settings, prefix: str = "") -> list[tuple[str,
     return out
 
 
-def render() -> str:
+def render(model: type[BaseModel] = Settings) -> str:
     """The reference as a Markdown table; raises UndocumentedKeys when a key has no description."""
-    table = rows()
+    table = rows(model)
     missing = [key for key, _, _, description in table if not description.strip()]
     if missing:
         raise UndocumentedKeys("keys without a description in config/models.py or config/auth.py: " + ", ".join(missing))
@@ -142,10 +142,9 @@ def render() -> str:
 
 def replace_section(text: str, reference: str) -> str:
     """``text`` with what lies between the reference markers replaced by ``reference``."""
-    head, start, rest = text.partition(START)
-    _, end, tail = rest.partition(END)
-    if not start or not end:
-        raise ValueError(f"the markers {START} and {END} are missing")
+    marked_section(text)  # the markers are there
+    head, _, rest = text.partition(START)
+    tail = rest.partition(END)[2]
     return f"{head}{START}\n{reference}{END}{tail}"
 
 
