@@ -36,23 +36,47 @@ class MailboxAuth(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["password", "oauth2"] = "password"
-    provider: Literal["microsoft", "google", "generic"] | None = None
-    tenant_id: str | None = Field(default=None, description="microsoft: the directory (tenant) ID or domain.")
-    client_id: str | None = None
-    client_secret: SecretStr | None = None
-    client_secret_file: Path | None = None
-    client_secret_env: str | None = None
-    authority_host: str | None = Field(default=None, description=f"microsoft: default {MICROSOFT_AUTHORITY_HOST} (national clouds differ).")
-    service_account_file: Path | None = Field(default=None, description="google: the service account's JSON key (domain-wide delegation).")
-    refresh_token_file: Path | None = Field(
-        default=None, description="google/generic: written by `commsync auth login`; must be writable (a rotated token is saved)."
+    method: Literal["password", "oauth2"] = Field(
+        default="password", description="`password` (the mailbox's password keys) or `oauth2` (SASL XOAUTH2)."
     )
-    token_url: str | None = Field(default=None, description=f"generic: required; google: default {GOOGLE_TOKEN_URL}.")
-    scope: str | None = Field(default=None, description="default: the provider's IMAP scope; generic: required.")
-    device_authorization_url: str | None = Field(default=None, description="generic: for `commsync auth login` (device code).")
-    authorization_url: str | None = Field(default=None, description="google/generic: for `commsync auth login` (browser).")
-    ca_file: Path | None = Field(default=None, description="Extra CA bundle for a token endpoint behind a private CA.")
+    provider: Literal["microsoft", "google", "generic"] | None = Field(
+        default=None, description="Required with `method: oauth2`. A key the provider does not use is an error."
+    )
+    tenant_id: str | None = Field(default=None, description="microsoft: required; the Directory (tenant) ID or domain.")
+    client_id: str | None = Field(
+        default=None, description="The app / OAuth client. microsoft, generic: required; google: required with a refresh token."
+    )
+    client_secret: SecretStr | None = Field(
+        default=None,
+        description=(
+            "The client secret; at most one of `client_secret`, `client_secret_file`, `client_secret_env`. microsoft: required; "
+            "google: required with a refresh token; generic: optional (none: public client)."
+        ),
+    )
+    client_secret_file: Path | None = Field(
+        default=None,
+        description="The client secret in a file, read again at every token request; a relative name is looked up in `$CREDENTIALS_DIRECTORY`.",
+    )
+    client_secret_env: str | None = Field(default=None, description="The client secret in an environment variable.")
+    authority_host: str | None = Field(default=None, description=f"microsoft: default {MICROSOFT_AUTHORITY_HOST} (national clouds differ).")
+    service_account_file: Path | None = Field(
+        default=None,
+        description=(
+            "google: the service account's JSON key (domain-wide delegation), read again at every token request; "
+            "a relative name is looked up in `$CREDENTIALS_DIRECTORY`. Google takes exactly one of this and `refresh_token_file`."
+        ),
+    )
+    refresh_token_file: Path | None = Field(
+        default=None, description=(
+            "google (refresh token), generic: required; written by `commsync auth login`; must be writable by the daemon "
+            "(a rotated token is saved). A relative name is resolved against `$STATE_DIRECTORY`."
+        ),
+    )
+    token_url: str | None = Field(default=None, description=f"The token endpoint. generic: required; google: default {GOOGLE_TOKEN_URL}.")
+    scope: str | None = Field(default=None, description=f"generic: required; microsoft: default {MICROSOFT_SCOPE}; google: default {GOOGLE_SCOPE}.")
+    device_authorization_url: str | None = Field(default=None, description="generic: optional, device-code sign-in for `commsync auth login`.")
+    authorization_url: str | None = Field(default=None, description="google (default: Google's), generic (optional): browser sign-in for `commsync auth login`.")
+    ca_file: Path | None = Field(default=None, description="CA bundle to verify the token endpoints when they have a private CA.")
 
     @model_validator(mode="after")
     def _fits_provider(self) -> MailboxAuth:

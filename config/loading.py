@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,25 @@ def load_settings(path: str | Path) -> Settings:
     return settings_from_dict(data, origin=str(path))
 
 
-def settings_from_dict(data: dict[str, Any], *, origin: str = "<config>") -> Settings:
-    """Validate an already parsed mapping (environment overrides still apply)."""
+def settings_from_dict(data: dict[str, Any], *, origin: str = "<config>", environment: bool = True) -> Settings:
+    """Validate an already parsed mapping; ``COMMSYNC_*`` environment overrides apply unless ``environment`` is False."""
     try:
-        return settings_model()(**data)
+        return (settings_model() if environment else _isolated(settings_model()))(**data)
     except ValidationError as exc:
         lines = [f"{origin}: {_where(err['loc'], data)}: {_reason(err)}" for err in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
+
+
+@functools.cache
+def _isolated(model: type[Settings]) -> type[Settings]:
+    """``model`` reading its keys only from what it is given, never from the environment."""
+
+    class Isolated(model):  # type: ignore[valid-type, misc]
+        @classmethod
+        def settings_customise_sources(cls, settings_cls: Any, init_settings: Any, *others: Any, **named: Any) -> tuple[Any, ...]:
+            return (init_settings,)
+
+    return Isolated
 
 
 def _where(loc: tuple[Any, ...], data: Any) -> str:

@@ -45,10 +45,15 @@ class _Model(BaseModel):
 class MongoSettings(_Model):
     uri: str = Field(
         default="mongodb://localhost:27017",
-        description="MongoDB connection string; memory:// keeps everything in this process only.",
+        description="MongoDB connection string; `memory://` keeps everything in this process only: nothing is kept.",
     )
-    database: str = "commsync"
-    server_selection_timeout: timedelta = timedelta(seconds=10)
+    database: str = Field(
+        default="commsync",
+        description="The database holding `records`, `customer_history`, `sync_state` and the other collections (and your customers).",
+    )
+    server_selection_timeout: timedelta = Field(
+        default=timedelta(seconds=10), description="How long to wait for a MongoDB server to answer."
+    )
 
     _dur = field_validator("server_selection_timeout", mode="before")(parse_duration)
 
@@ -66,10 +71,16 @@ def _redact_uri(uri: str) -> str:
 
 
 class CustomersSettings(_Model):
-    collection: str = Field(default="customers", description="The CRM's customers: {_id, name, emails, phones}.")
+    collection: str = Field(
+        default="customers",
+        description=(
+            "The CRM's customers `{_id, name, emails: [...], phones: [...]}`; read only, "
+            "unless `customers.auto_create` or `commsync customers import` writes to it."
+        ),
+    )
     auto_create: Literal["none", "sent", "sent_and_received"] = Field(
         default="none",
-        description="Create a customer (created_by: commsync) for external participants of sent (or all) mail that match none.",
+        description="`sent` / `sent_and_received`: create customers (`created_by: commsync`) for unmatched external participants of sent (or all) mail.",
     )
     keep_orphans: bool = Field(
         default=False, description="`customers forget` keeps the records left with no customer instead of deleting them."
@@ -77,12 +88,12 @@ class CustomersSettings(_Model):
 
 
 class RetentionSettings(_Model):
-    days: int | None = Field(default=None, ge=1, description="Delete records older than this many days (default: keep all).")
+    days: int | None = Field(default=None, ge=1, description="Delete records older than this many days (daily, and `commsync purge`); default: keep all.")
 
 
 class RematchSettings(_Model):
     interval: timedelta = Field(
-        default=timedelta(hours=1), description="The daemon re-links unmatched records to customers at least this often."
+        default=timedelta(hours=1), description="The daemon re-links records that matched no customer at least this often."
     )
 
     _dur = field_validator("interval", mode="before")(parse_duration)
@@ -90,13 +101,13 @@ class RematchSettings(_Model):
 
 class CaptureSettings(_Model):
     policy: Literal["all", "matched"] = Field(
-        default="all", description="matched: records that match no customer are not stored."
+        default="all", description="`matched`: records that match no customer are not stored; `capture: matched` is shorthand."
     )
-    max_content_chars: int = Field(default=100_000, ge=1_000, description="Longer content is cut and flagged.")
+    max_content_chars: int = Field(default=100_000, ge=1_000, description="Longer content is cut, `content_truncated: true`.")
     max_message_bytes: int = Field(
         default=25 * 1024 * 1024,
         ge=64 * 1024,
-        description="Fetch at most this much of one message; the rest is not downloaded.",
+        description="At most this many bytes of one message are downloaded; the rest is not.",
     )
     max_batch_bytes: int = Field(
         default=64 * 1024 * 1024,
@@ -108,7 +119,7 @@ class CaptureSettings(_Model):
 class HttpSettings(_Model):
     listen: str | None = Field(
         default=None,
-        description="host:port for /healthz and /metrics, e.g. 127.0.0.1:9464 (default: off). No auth: keep it on loopback.",
+        description="`host:port` for `/healthz` and `/metrics`, e.g. `127.0.0.1:9464` (default: off). No authentication: keep it on loopback.",
     )
 
     @field_validator("listen")
@@ -123,26 +134,26 @@ class HttpSettings(_Model):
 
 class DaemonSettings(_Model):
     poll_interval: timedelta = Field(default=timedelta(minutes=1), description="Pause between passes over a source.")
-    backoff_max: timedelta = Field(default=timedelta(minutes=10), description="Longest wait between retries of a failing source.")
+    backoff_max: timedelta = Field(default=timedelta(minutes=10), description="Cap of the exponential, jittered retry delay of a failing source.")
     parse_workers: int | None = Field(default=None, ge=1, description="Processes that parse mail (default: one per core).")
     max_sources: int | None = Field(default=None, ge=1, description="Most sources this instance works at once (default: its fair share).")
     lease_ttl: timedelta = Field(
-        default=timedelta(seconds=60), description="A source whose instance stopped renewing its lease goes to another after this."
+        default=timedelta(seconds=60), description="A source whose instance stopped renewing its lease goes to another after this (at least `1s`)."
     )
-    instance: str | None = Field(default=None, description="This instance's name in leases and `commsync status` (default: hostname/pid).")
+    instance: str | None = Field(default=None, description="This instance's name in leases and `commsync status` (default: `hostname/pid`).")
     auth_backoff_max: timedelta = Field(
         default=timedelta(hours=4),
         description="Longest wait between logins of a source whose credentials are refused (the first retry comes after about a minute).",
     )
     park_after: timedelta = Field(
         default=timedelta(days=3),
-        description="Park a source whose credentials have been refused this long: no more logins until its config changes or `commsync source resume`. 0 = never.",
+        description="Park a source whose credentials have been refused this long: no more logins until its config changes or `commsync source resume`. `0` = never.",
     )
     shutdown_timeout: timedelta = Field(
         default=timedelta(seconds=60),
-        description="On stop, wait this long for the batches in hand to be stored, then exit anyway (keep it below the unit's TimeoutStopSec).",
+        description="On stop, wait this long for the batches in hand to be stored, then exit anyway (keep it below the unit's `TimeoutStopSec`).",
     )
-    http: HttpSettings = HttpSettings()
+    http: HttpSettings = Field(default=HttpSettings(), description="The optional HTTP listener for `/healthz` and `/metrics`.")
 
     _dur = field_validator("poll_interval", "backoff_max", "lease_ttl", "auth_backoff_max", "park_after", "shutdown_timeout", mode="before")(
         parse_duration
@@ -184,33 +195,45 @@ def _require_one_secret(model: BaseModel, key: str, *, prefix: str = "", alterna
 
 
 class MailboxConfig(_Model):
-    name: str = Field(pattern=NAME_PATTERN)
-    host: str = Field(min_length=1)
-    port: int | None = Field(default=None, ge=1, le=65535, description="Default 993 for tls, 143 otherwise.")
-    security: Literal["tls", "starttls", "none"] = "tls"
+    name: str = Field(pattern=NAME_PATTERN, description="Unique among mailboxes and Twilio accounts, stable: it names the checkpoints.")
+    host: str = Field(min_length=1, description="The IMAP server.")
+    port: int | None = Field(default=None, ge=1, le=65535, description="Default 993 for `tls`, 143 otherwise.")
+    security: Literal["tls", "starttls", "none"] = Field(default="tls", description="How the connection is protected: `tls`, `starttls` or `none`.")
     allow_plaintext: bool = Field(
-        default=False, description="Allow security: none to a host other than this machine (the password travels in clear)."
+        default=False, description="`security: none` is refused for any host but this machine (the login would travel in clear) unless this is `true`."
     )
-    tls_verify: bool = Field(default=True, description="Verify the server certificate (leave on).")
+    tls_verify: bool = Field(default=True, description="Certificates are verified (leave on).")
     ca_file: Path | None = Field(default=None, description="Extra CA bundle for a private certificate authority.")
-    username: str = Field(min_length=1)
-    password: SecretStr | None = None
-    password_file: Path | None = None
-    password_env: str | None = None
-    auth: MailboxAuth = Field(default_factory=MailboxAuth, description="method: password (the keys above) or oauth2.")
+    username: str = Field(min_length=1, description="The login; when it is an address it counts as the mailbox's own.")
+    password: SecretStr | None = Field(
+        default=None,
+        description="The password; set exactly one of `password`, `password_file`, `password_env`, none of them with `auth.method: oauth2`.",
+    )
+    password_file: Path | None = Field(
+        default=None,
+        description=(
+            "A file holding the password, re-read at each login so rotation works. A relative name is looked up in "
+            "`$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`); run by hand, in the working directory, then `/etc/commsync/credentials`."
+        ),
+    )
+    password_env: str | None = Field(default=None, description="An environment variable holding the password.")
+    auth: MailboxAuth = Field(
+        default_factory=MailboxAuth,
+        description="How the mailbox logs in: `method: password` (the password keys above, the default) or `method: oauth2`.",
+    )
     addresses: list[str] = Field(
         default_factory=list,
-        description="The mailbox's own addresses (aliases); the username counts when it is an address.",
+        description="The mailbox's own addresses and aliases (mail from them is `outbound`); the username counts when it is an address.",
     )
-    folders: list[str] | None = Field(default=None, description="Default: INBOX plus the \\Sent folder (SPECIAL-USE).")
-    since: date | None = Field(default=None, description="How far back the first sync reaches (default: everything).")
-    batch_size: int = Field(default=500, ge=1, le=5000)
-    poll_interval: timedelta | None = Field(default=None, description="Overrides daemon.poll_interval.")
+    folders: list[str] | None = Field(default=None, description="Folders to capture. Default: INBOX plus the folder marked `\\Sent`, found through SPECIAL-USE.")
+    since: date | None = Field(default=None, description="How far back the first sync reaches (`2024-01-01`; default: everything).")
+    batch_size: int = Field(default=500, ge=1, le=5000, description="Messages per fetch, store and checkpoint.")
+    poll_interval: timedelta | None = Field(default=None, description="Overrides `daemon.poll_interval` for this mailbox.")
     timeout: timedelta = Field(default=timedelta(seconds=60), description="Network timeout of one IMAP command.")
     idle: bool | Literal["auto"] = Field(
-        default="auto", description="Wait in IMAP IDLE on the first folder for new mail: true, false, or auto (when the server offers it)."
+        default="auto", description="Wait in IMAP IDLE on the first folder for new mail: `true`, `false`, or `auto` (when the server offers it)."
     )
-    idle_renew: timedelta = Field(default=timedelta(minutes=20), description="Re-issue IDLE this often (RFC 2177: under 29 minutes).")
+    idle_renew: timedelta = Field(default=timedelta(minutes=20), description="Re-issue IDLE this often; must be under `29m` (RFC 2177).")
 
     _dur = field_validator("poll_interval", "timeout", "idle_renew", mode="before")(parse_duration)
 
@@ -265,27 +288,53 @@ TWILIO_BASE_URL = "https://api.twilio.com"
 class TwilioAccountConfig(_Model):
     """One Twilio account (or subaccount) whose calls and messages are captured."""
 
-    name: str = Field(pattern=NAME_PATTERN)
-    account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$", description="The account whose lists are read.")
-    auth_token: SecretStr | None = None
-    auth_token_file: Path | None = None
-    auth_token_env: str | None = None
-    api_key_sid: str | None = Field(default=None, pattern=r"^SK[0-9a-fA-F]{32}$", description="An API key instead of the auth token.")
-    api_key_secret: SecretStr | None = None
-    api_key_secret_file: Path | None = None
-    api_key_secret_env: str | None = None
-    channels: list[Literal["calls", "messages"]] = Field(default_factory=lambda: ["calls", "messages"], min_length=1)
-    since: date | None = Field(default=None, description="How far back the first sync reaches (default: everything).")
-    lookback: timedelta = Field(
-        default=timedelta(hours=2), description="Re-read window for items that change after they first appear (price, status, recordings)."
+    name: str = Field(pattern=NAME_PATTERN, description="Unique among mailboxes and Twilio accounts; names the checkpoints, so keep it stable.")
+    account_sid: str = Field(
+        pattern=r"^AC[0-9a-fA-F]{32}$", description="`AC` followed by 32 hex digits: the account (or subaccount) whose lists are read."
     )
-    base_url: str = Field(default=TWILIO_BASE_URL, description="Twilio's API root; tests and API proxies set another.")
-    page_size: int = Field(default=500, ge=1, le=1000, description="Items per list page (one batch each); Twilio allows 1000.")
+    auth_token: SecretStr | None = Field(
+        default=None,
+        description="The account's auth token, set in exactly one of `auth_token`, `auth_token_file`, `auth_token_env`; or an API key instead, not both.",
+    )
+    auth_token_file: Path | None = Field(
+        default=None,
+        description="A file holding the auth token, read again whenever a new connection is made; a relative name is looked up in `$CREDENTIALS_DIRECTORY`.",
+    )
+    auth_token_env: str | None = Field(default=None, description="An environment variable holding the auth token.")
+    api_key_sid: str | None = Field(
+        default=None,
+        pattern=r"^SK[0-9a-fA-F]{32}$",
+        description=(
+            "An API key (`SK` + 32 hex digits) instead of the auth token, with one of `api_key_secret`, "
+            "`api_key_secret_file`, `api_key_secret_env`. This is the recommended setup."
+        ),
+    )
+    api_key_secret: SecretStr | None = Field(default=None, description="The API key's secret.")
+    api_key_secret_file: Path | None = Field(
+        default=None,
+        description="A file holding the API key's secret, read again whenever a new connection is made (a rotated key is picked up); a relative name is looked up in `$CREDENTIALS_DIRECTORY`.",
+    )
+    api_key_secret_env: str | None = Field(default=None, description="An environment variable holding the API key's secret.")
+    channels: list[Literal["calls", "messages"]] = Field(
+        default_factory=lambda: ["calls", "messages"], min_length=1, description="Which lists to read."
+    )
+    since: date | None = Field(default=None, description="The date the first sync reaches back to (UTC day; default: everything).")
+    lookback: timedelta = Field(
+        default=timedelta(hours=2), description=(
+            "Items newer than the cursor minus this window are read again at every poll. This picks up a price that arrives late, "
+            "a message that goes from `sent` to `delivered`, or a recording added after the call (0 to 31 days)."
+        ),
+    )
+    base_url: str = Field(default=TWILIO_BASE_URL, description="Twilio's API root: point this at an API proxy. The tests point it at a local fake.")
+    page_size: int = Field(default=500, ge=1, le=1000, description="Items per list page (Twilio allows at most 1000). Each page is stored and checkpointed as one batch.")
     numbers: list[str] = Field(
         default_factory=list,
-        description="Extra numbers of ours in E.164 (other account numbers, staff phones calls are forwarded to): never customers.",
+        description=(
+            "More numbers of your own, in international form: other company lines, or staff phones that calls are forwarded to. "
+            "These numbers are never treated as customers. The account's own side of each call or message is recognised without this list."
+        ),
     )
-    poll_interval: timedelta | None = Field(default=None, description="Overrides daemon.poll_interval.")
+    poll_interval: timedelta | None = Field(default=None, description="Overrides `daemon.poll_interval` for this account.")
     timeout: timedelta = Field(default=timedelta(seconds=60), description="Network timeout of one API request.")
 
     _dur = field_validator("lookback", "poll_interval", "timeout", mode="before")(parse_duration)
@@ -358,24 +407,38 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    mongodb: MongoSettings = MongoSettings()
-    customers: CustomersSettings = CustomersSettings()
-    internal_domains: list[str] = Field(default_factory=list, description="Addresses here are never customers.")
-    capture: CaptureSettings = CaptureSettings()
-    daemon: DaemonSettings = DaemonSettings()
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    mongodb: MongoSettings = Field(default=MongoSettings(), description="Where records, histories and checkpoints are stored.")
+    customers: CustomersSettings = Field(
+        default=CustomersSettings(), description="The CRM's customers collection, and what commsync may write to it."
+    )
+    internal_domains: list[str] = Field(
+        default_factory=list, description="Staff domains: never customers; mail from them is `outbound`."
+    )
+    capture: CaptureSettings = Field(
+        default=CaptureSettings(),
+        description="What capture stores and how much of each message; `capture: matched` is shorthand for `capture: {policy: matched}`.",
+    )
+    daemon: DaemonSettings = Field(
+        default=DaemonSettings(), description="The service (`commsync run`): passes, retries, parse workers, leases, the HTTP listener."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="The least severe log events written.")
     default_region: str | None = Field(
         default=None,
-        description="ISO 3166 region (US, DE, ...) for phone numbers written without a country code.",
+        description=(
+            "ISO 3166 region (`US`, `GB`, `DE`, ...) for phone numbers written without a country code, such as a CRM's "
+            "`(415) 555-0100`. Without it such numbers cannot be read and match nothing; numbers with a `+` or `00` prefix are always readable."
+        ),
     )
     blocklist: list[str] = Field(
-        default_factory=list, description="Addresses, @domains (and their subdomains) and phone numbers never captured."
+        default_factory=list, description="Addresses, `@domains` (with their subdomains) and phone numbers never captured."
     )
     capture_automated: bool = Field(
-        default=False, description="Also capture automated mail (Auto-Submitted, List-Id, Precedence: bulk, List-Unsubscribe)."
+        default=False, description="Also capture automated mail: auto-replies, bounces, lists, newsletters (`Auto-Submitted`, `List-Id`, `Precedence: bulk`, `List-Unsubscribe`)."
     )
-    retention: RetentionSettings = RetentionSettings()
-    rematch: RematchSettings = RematchSettings()
+    retention: RetentionSettings = Field(default=RetentionSettings(), description="How long records are kept.")
+    rematch: RematchSettings = Field(
+        default=RematchSettings(), description="Re-linking records that matched no customer when they were captured."
+    )
 
     @field_validator("capture", mode="before")
     @classmethod

@@ -135,5 +135,10 @@ def _twilio(config: TwilioAccountConfig, ctx: BuildContext) -> Connector:
     return build(config, ctx)
 
 
-register(SourceKind("imap", "mailboxes", MailboxConfig, ("email",), _imap, "IMAP mailboxes"))
-register(SourceKind("twilio", "twilio_accounts", TwilioAccountConfig, ("call", "sms", "whatsapp"), _twilio, "Twilio accounts"))
+register(SourceKind("imap", "mailboxes", MailboxConfig, ("email",), _imap, "IMAP mailboxes to capture."))
+register(
+    SourceKind(
+        "twilio", "twilio_accounts", TwilioAccountConfig, ("call", "sms", "whatsapp"), _twilio,
+        "Twilio accounts (or subaccounts) whose calls and messages are captured.",
+    )
+)

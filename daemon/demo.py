@@ -14,9 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
-
-from commsync.config import Settings
+from commsync.config import settings_from_dict
 from commsync.connectors.mbox import MboxConnector
 from commsync.connectors.twilio_records import duration_text
 
@@ -43,17 +41,6 @@ DEMO_TWILIO_ACCOUNT: dict[str, Any] = {
 }
 TWILIO_LISTS = ("calls.json", "messages.json", "recordings.json")
 CHANNELS = ("email", "call", "sms", "whatsapp")
-
-
-class _DemoSettings(Settings):
-    """The demo's settings are exactly its own: COMMSYNC_* variables meant for the service
-    (a real database, real Twilio accounts) must never reach it."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource, **others: PydanticBaseSettingsSource
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
 
 
 def demo_files() -> tuple[Path, Path]:
@@ -87,7 +74,9 @@ async def import_demo() -> DemoImport:
     replay = Replay.from_pages(twilio_pages())
     with ReplayServer(replay) as server:
         account = {**DEMO_TWILIO_ACCOUNT, "account_sid": replay.account_sid, "base_url": server.base_url}
-        settings = _DemoSettings(**DEMO_CONFIG, twilio_accounts=[account])
+        # The demo's settings are exactly its own: COMMSYNC_* variables meant for the service
+        # (a real database, real Twilio accounts) must never reach it.
+        settings = settings_from_dict({**DEMO_CONFIG, "twilio_accounts": [account]}, origin="demo", environment=False)
         store = app.open_store(settings)
         await store.customers.insert_many(customers)
         await store.ensure_indexes()
