@@ -1,0 +1,122 @@
+"""A source kind is one module plus one registration: a tiny in-memory kind, registered here and nowhere else."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from commsync.config import ConfigError, settings_from_dict
+from commsync.connectors import registry
+from commsync.connectors.base import Batch
+from commsync.daemon import app, schema, status
+from commsync.daemon.cli import main
+from commsync.daemon.runner import Runner, StoreSink
+
+T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
+
+
+class MemoConfig(BaseModel):
+    """One memo pad: notes from customers, typed in by hand."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(description="The source name.")
+    # A username, as IMAP has: the kind must still be told apart by its registration.
+    username: str = Field(default="pad", description="Who keeps the pad.")
+    notes: list[str] = Field(default_factory=list, description="`address: text` lines.")
+
+
+class MemoConnector:
+    kind = "memo"
+
+    def __init__(self, config: MemoConfig):
+        self.config = config
+        self.name = config.name
+
+    async def batches(self, state):
+        done = state.get("notes", {}).get("done", 0)
+        records = []
+        for i, line in enumerate(self.config.notes[done:], start=done):
+            address, _, text = line.partition(": ")
+            records.append(
+                {
+                    "_id": f"memo:{self.name}:{i}",
+                    "channel": "note",
+                    "direction": "inbound",
+                    "occurred_at": T0 + timedelta(hours=i),
+                    "participants": [{"role": "from", "address": address, "name": None, "internal": False}],
+                    "subject": None,
+                    "content": text,
+                    "sources": [{"kind": "memo", "source": self.name, "index": i}],
+                }
+            )
+        yield Batch("notes", records, {"done": len(self.config.notes)})
+
+    async def check(self):
+        return f"{len(self.config.notes)} notes"
+
+    async def aclose(self):
+        return None
+
+
+@pytest.fixture
+def memo_kind():
+    kind = registry.register(
+        registry.SourceKind("memo", "memo_pads", MemoConfig, ("note",), lambda config, ctx: MemoConnector(config), "Memo pads (a test kind).")
+    )
+    yield kind
+    registry.unregister("memo")
+
+
+CONFIG = {
+    "mongodb": {"uri": "memory://"},
+    "memo_pads": [{"name": "front-desk", "notes": ["alice@example.com: called about the invoice", "bob@example.com: wants a quote"]}],
+}
+
+
+def test_the_config_accepts_the_kind_and_still_refuses_typos(memo_kind):
+    settings = settings_from_dict(CONFIG)
+    assert [s.name for s in settings.sources()] == ["front-desk"]
+    assert settings.sources_of("memo")[0].notes[1] == "bob@example.com: wants a quote"
+    with pytest.raises(ConfigError, match="memo_pads\\[0\\]\\(front-desk\\).note: unknown key"):
+        settings_from_dict({"memo_pads": [{"name": "front-desk", "note": []}]})
+    # Source names stay unique across every kind.
+    with pytest.raises(ConfigError, match="used twice"):
+        settings_from_dict({**CONFIG, "mailboxes": [{"name": "front-desk", "host": "h", "username": "u", "password": "p"}]})
+
+
+def test_without_the_registration_the_key_is_unknown():
+    with pytest.raises(ConfigError, match="memo_pads: unknown key"):
+        settings_from_dict(CONFIG)
+
+
+async def test_the_kind_runs_through_runner_store_and_history(memo_kind, memory_store):
+    await memory_store.customers.insert_one({"_id": "c-alice", "emails": ["alice@example.com"]})
+    settings = settings_from_dict(CONFIG)
+    connectors = app.build_connectors(settings, None)
+    assert [type(c) for c in connectors] == [MemoConnector]
+    assert await Runner(connectors, StoreSink(memory_store), once=True).run() is True
+    assert await memory_store.records.count_documents({"channel": "note"}) == 2
+    history = await memory_store.history.find_one({"_id": "c-alice"})
+    assert history["channels"]["note"]["count"] == 1 and history["last_channel"] == "note"
+    assert await memory_store.load_state("front-desk") == {"notes": {"done": 2}}
+
+
+def test_status_schema_and_cli_read_the_registry(memo_kind, tmp_path, capsys):
+    settings = settings_from_dict(CONFIG)
+    rows = status.status_rows(settings.sources(), [], [], datetime.now(UTC))
+    assert rows[0]["kind"] == "memo"  # not "imap" for having a username
+    assert "note" in schema.record_schema()["properties"]["channel"]["enum"]
+    assert "note" in schema.history_schema()["properties"]["last_channel"]["enum"]
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(CONFIG))
+    assert main(["check", "-c", str(path)]) == 0
+    assert "ok    memo front-desk" in capsys.readouterr().out
+    assert main(["records", "list", "--channel", "note", "-c", str(path)]) == 0  # --channel knows the kind's channel
+
+
+def test_a_kind_cannot_take_another_kinds_settings_key(memo_kind):
+    with pytest.raises(ValueError, match="belongs to kind 'memo'"):
+        registry.register(registry.SourceKind("other", "memo_pads", MemoConfig, ("note",), lambda c, ctx: None))
