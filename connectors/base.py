@@ -92,6 +92,8 @@ class Batch:
     a value may be ``{"$ne": x}``. ``skipped`` counts items left out with a
     logged reason that need no further attention (not sent yet, vanished);
     ``malformed`` holds the items that could not be read, for quarantine.
+    ``retired`` says the stream is gone from the remote system (a deleted or
+    renamed folder): its checkpoint is forgotten instead of saved.
     """
 
     stream: str
@@ -100,6 +102,7 @@ class Batch:
     drop_sources: Mapping[str, Any] | None = None
     skipped: int = 0
     malformed: Sequence[MalformedItem] = field(default_factory=tuple)
+    retired: bool = False
 
 
 # -- the protocol and its optional capabilities ----------------------------------------------

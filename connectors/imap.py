@@ -1,7 +1,17 @@
 """IMAP mailboxes: incremental by UIDVALIDITY and UID per folder, read-only, in batches.
 
 imapclient is blocking, so each connector drives its connection from one
-thread of its own; the event loop only awaits it.
+thread of its own; the event loop only awaits it. Between passes the same
+connection waits for new mail (imap_watch.py: IDLE, NOTIFY for every folder
+where offered, else a cheap LIST-STATUS check of the others).
+
+What can go wrong without failing the mailbox is reported in ``problems``:
+a configured folder that does not exist (skipped, the others captured), a
+folder restored from a backup or emptied and refilled (its UIDNEXT at or
+below the checkpoint under the same UIDVALIDITY: read again from the start,
+upserts by Message-ID double nothing). Folders that are gone from the server
+(renamed, deleted) have their checkpoints retired and their records' source
+entries marked ``gone_at``.
 """
 
 from __future__ import annotations
@@ -20,11 +30,12 @@ from typing import Any
 import imapclient
 import imapclient.imapclient
 import structlog
-from imapclient.exceptions import IMAPClientAbortError, LoginError
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from commsync.config.models import MailboxConfig
 
-from .base import Batch, CredentialsRefused, TemporarilyUnavailable, describe
+from . import imap_watch
+from .base import Batch, CredentialsRefused, MalformedItem, SourceError, TemporarilyUnavailable, describe
 from .oauth import imap_refusal, token_provider
 from .parsing import MailParser, RawMail, mail_options
 
@@ -33,8 +44,14 @@ log = structlog.get_logger(__name__)
 INBOX = "INBOX"
 # UIDs per RFC822.SIZE fetch when planning batches: one short command per window.
 SIZE_WINDOW = 5000
-# An IDLE waits in slices this long, so a stop is honoured within one.
-IDLE_SLICE_S = 1.0
+# Without NOTIFY, the folders IDLE does not watch are checked this often (seconds).
+CHECK_EVERY_S = 30.0
+# How long a notice (a restored folder) stays in `problems` after it was seen.
+NOTICE_S = 24 * 3600.0
+
+
+class FolderMissing(SourceError):
+    """A configured folder does not exist on the server."""
 
 
 def tls_context(verify: bool, ca_file: Any = None) -> ssl.SSLContext:
@@ -80,6 +97,20 @@ class ImapConnector:
         # Folders the next pass reads when IDLE woke us (None: all of them).
         self._wake: list[str] | None = None
         self._idle_warned = False
+        # The folders of the last pass, and those of them the server does not have.
+        self._folder_list: list[str] = []
+        self._missing: set[str] = set()
+        # Things to show until they are old: key -> (text, monotonic time seen).
+        self._notices: dict[str, tuple[str, float]] = {}
+        self.check_every = CHECK_EVERY_S
+
+    @property
+    def problems(self) -> dict[str, str]:
+        """What is wrong without failing the mailbox (see the module docstring)."""
+        now = time.monotonic()
+        out = {f"folder:{f}": f"folder {f!r} does not exist on the server; the others are captured" for f in sorted(self._missing)}
+        out |= {key: text for key, (text, seen) in self._notices.items() if now - seen < NOTICE_S}
+        return out
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         def run() -> Any:
@@ -167,6 +198,10 @@ class ImapConnector:
     async def check(self) -> str:
         client = await self._connected()
         folders = await self._folders(client)
+        existing = {name for _, _, name in await self._call(client.list_folders)}
+        missing = [f for f in folders if f not in existing and f.upper() != INBOX]
+        if missing:
+            raise FolderMissing(f"login ok, but no folder {', '.join(map(repr, missing))} on the server (it has: {', '.join(sorted(existing))})")
         return f"login ok; folders: {', '.join(folders)}"
 
     def check_steps(self) -> list[tuple[str, Any]]:
@@ -197,13 +232,25 @@ class ImapConnector:
         try:
             client = await self._connected()
             folders = await self._folders(client)
+            self._folder_list = folders
             wake, self._wake = self._wake, None
             if wake:
-                # IDLE reported mail in the main folder; the others wait for their poll.
+                # IDLE reported mail in these folders; the others wait for their poll.
                 folders = [f for f in folders if f in wake] or folders
+            else:
+                for folder in await self._gone(client, [s for s in state if s not in folders]):
+                    self._log.warning("folder_retired", folder=folder, detail="no longer on the server (renamed or deleted)")
+                    yield Batch(folder, [], {}, drop_sources={"kind": "imap", "source": self.name, "folder": folder}, retired=True)
             for folder in folders:
-                async for batch in self._folder_batches(client, folder, state.get(folder)):
-                    yield batch
+                try:
+                    async for batch in self._folder_batches(client, folder, state.get(folder)):
+                        yield batch
+                except FolderMissing:
+                    if folder not in self._missing:
+                        self._log.warning("folder_missing", folder=folder, detail="skipped; the other folders are captured")
+                    self._missing.add(folder)
+                    continue
+                self._missing.discard(folder)
         except (OSError, IMAPClientAbortError) as exc:
             await self._drop()
             if isinstance(exc, ssl.SSLCertVerificationError):
@@ -218,14 +265,27 @@ class ImapConnector:
     async def _folder_batches(
         self, client: imapclient.IMAPClient, folder: str, checkpoint: dict[str, Any] | None
     ) -> AsyncIterator[Batch]:
-        # EXAMINE (read-only) as well as BODY.PEEK: capture never changes flags.
-        info = await self._call(client.select_folder, folder, readonly=True)
+        info = await self._examine(client, folder)
         uidvalidity = int(info[b"UIDVALIDITY"])
+        uidnext = int(info.get(b"UIDNEXT") or 0)
         reset = checkpoint is not None and checkpoint.get("uidvalidity") != uidvalidity
         last_uid = 0 if checkpoint is None or reset else int(checkpoint.get("last_uid", 0))
+        drop = None
         if reset:
             self._log.warning("uidvalidity_changed", folder=folder, old=checkpoint.get("uidvalidity"), new=uidvalidity)
-        drop = {"kind": "imap", "source": self.name, "folder": folder, "uidvalidity": {"$ne": uidvalidity}} if reset else None
+            drop = {"kind": "imap", "source": self.name, "folder": folder, "uidvalidity": {"$ne": uidvalidity}}
+        elif last_uid and 0 < uidnext <= last_uid:
+            # New mail would get UIDs the checkpoint has passed and be skipped for ever:
+            # the folder was restored from a backup, or emptied and refilled. Read it all again.
+            text = (
+                f"folder {folder!r}: UIDNEXT {uidnext} at or below the checkpoint's last UID {last_uid} under the same "
+                "UIDVALIDITY (restored from a backup, or emptied and refilled): read again from the start"
+            )
+            self._log.warning("folder_restored", folder=folder, uidnext=uidnext, last_uid=last_uid)
+            self._notices[f"restored:{folder}"] = (text, time.monotonic())
+            last_uid = 0
+            # Its old UIDs name other messages now.
+            drop = {"kind": "imap", "source": self.name, "folder": folder, "uidvalidity": uidvalidity}
 
         criteria: list[Any] = ["UID", f"{last_uid + 1}:*"]
         if last_uid == 0 and self.config.since is not None:
@@ -233,10 +293,10 @@ class ImapConnector:
         # "n:*" always matches the highest UID, even below n.
         uids = sorted(u for u in await self._call(client.search, criteria) if u > last_uid)
         self._log.info("folder_scan", folder=folder, uidvalidity=uidvalidity, after_uid=last_uid, new=len(uids))
-        self._scanned[folder] = (uidvalidity, max(int(info.get(b"UIDNEXT") or 0), uids[-1] + 1 if uids else 0))
+        self._scanned[folder] = (uidvalidity, max(uidnext, uids[-1] + 1 if uids else 0))
         self.backlog = len(uids)
         if not uids:
-            if reset or checkpoint is None:
+            if drop is not None or checkpoint is None:
                 yield Batch(folder, [], {"uidvalidity": uidvalidity, "last_uid": last_uid}, drop_sources=drop)
             return
 
@@ -247,7 +307,7 @@ class ImapConnector:
                 raw = await pending
                 # Fetch the next chunk while this one is parsed and stored.
                 pending = asyncio.ensure_future(self._fetch(client, folder, uidvalidity, chunks[n + 1])) if n + 1 < len(chunks) else None
-                records, skipped = await self._normalize(raw, len(chunk), folder)
+                records, skipped, malformed = await self._normalize(raw, len(chunk), folder)
                 self.backlog = sum(len(c) for c in chunks[n + 1 :])
                 yield Batch(
                     folder,
@@ -255,6 +315,7 @@ class ImapConnector:
                     {"uidvalidity": uidvalidity, "last_uid": chunk[-1]},
                     drop_sources=drop if n == 0 else None,
                     skipped=skipped,
+                    malformed=malformed,
                 )
         finally:
             if pending is not None:
@@ -265,17 +326,20 @@ class ImapConnector:
 
     @property
     def idle_folder(self) -> str:
-        """The folder IDLE watches: the first one configured, INBOX by default."""
-        return (self.config.folders or [INBOX])[0]
+        """The folder IDLE watches: the first configured one that exists, INBOX by default."""
+        folders = [f for f in (self._folder_list or self.config.folders or [INBOX]) if f not in self._missing]
+        return folders[0] if folders else INBOX
 
     async def wait_for_change(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for new mail in the main folder; True when some came.
+        """Wait up to ``timeout`` seconds for new mail in any configured folder; True when some came.
 
         With IDLE (``idle: true``, or ``auto`` when the server offers it) the
         server reports new mail and this returns at once; the next pass then
-        reads only that folder. Without IDLE it is a plain sleep. A connection
-        that drops meanwhile counts as a change: the next pass reconnects
-        (the runner backs off if it cannot) and resumes from the checkpoint.
+        reads only the folders that changed. With NOTIFY one IDLE watches every
+        folder; without it the others are checked every ``check_every``
+        seconds. Without IDLE it is a plain sleep. A connection that drops
+        meanwhile counts as a change: the next pass reconnects (the runner
+        backs off if it cannot) and resumes from the checkpoint.
         """
         self._wake = None
         loop = asyncio.get_running_loop()
@@ -288,27 +352,27 @@ class ImapConnector:
             if not await self._idle_offered(client):
                 await asyncio.sleep(max(0.0, deadline - loop.time()))
                 return False
-            folder = self.idle_folder
-            info = await self._call(client.select_folder, folder, readonly=True)
-            seen = self._scanned.get(folder)
-            if seen is None or seen[0] != int(info[b"UIDVALIDITY"]) or int(info.get(b"UIDNEXT") or 0) > seen[1]:
-                # Mail arrived between the scan and now.
-                self._wake = [folder]
+            main = self.idle_folder
+            others = [f for f in self._folder_list if f != main and f not in self._missing]
+            info = await self._examine(client, main)
+            changed = {main} if imap_watch.newer(main, int(info[b"UIDVALIDITY"]), int(info.get(b"UIDNEXT") or 0), self._scanned) else set()
+            notify = bool(others) and await self._call(client.has_capability, "NOTIFY")
+            try:
+                if notify:
+                    found = await self._call(imap_watch.notify_set, client, others)
+                    changed |= {f for f, (v, n) in found.items() if f in others and imap_watch.newer(f, v, n, self._scanned)}
+                elif others:
+                    changed |= await self._check_others(client, others)
+                if not changed:
+                    # Nothing arrived since the scan (else IDLE would sleep through it): wait for the server.
+                    changed = await self._idle_until(client, main, deadline, others if not notify else [])
+            finally:
+                if notify:
+                    await self._call(imap_watch.notify_none, client)
+            if changed:
+                self._log.debug("new_mail", folders=sorted(changed))
+                self._wake = sorted(changed)
                 return True
-            renew = self.config.idle_renew.total_seconds()
-            while (left := deadline - loop.time()) > 0:
-                stop = threading.Event()
-                try:
-                    changed = await self._call(self._idle_blocking, client, min(left, renew), stop)
-                except asyncio.CancelledError:
-                    stop.set()  # the thread leaves IDLE within a slice; later calls queue behind it
-                    raise
-                if changed:
-                    self._log.debug("idle_new_mail", folder=folder)
-                    self._wake = [folder]
-                    return True
-                if deadline - loop.time() > 0:
-                    self._log.debug("idle_renewed", folder=folder)
             return False
         except asyncio.CancelledError:
             raise
@@ -317,6 +381,34 @@ class ImapConnector:
             await self._drop()
             return True
 
+    async def _idle_until(self, client: imapclient.IMAPClient, main: str, deadline: float, poll: list[str]) -> set[str]:
+        """IDLE on ``main`` until new mail or ``deadline``, re-issued every ``idle_renew``; ``poll`` checked between."""
+        loop = asyncio.get_running_loop()
+        renew = self.config.idle_renew.total_seconds()
+        next_check = loop.time() + self.check_every
+        while (left := deadline - loop.time()) > 0:
+            span = min(left, renew, max(0.0, next_check - loop.time()) if poll else left)
+            stop = threading.Event()
+            try:
+                changed = await self._call(self._idle_blocking, client, span, stop, main)
+            except asyncio.CancelledError:
+                stop.set()  # the thread leaves IDLE within a slice; later calls queue behind it
+                raise
+            if changed:
+                return changed
+            if poll and loop.time() >= next_check:
+                changed = await self._check_others(client, poll)
+                if changed:
+                    return changed
+                next_check = loop.time() + self.check_every
+        return set()
+
+    async def _check_others(self, client: imapclient.IMAPClient, folders: list[str]) -> set[str]:
+        """The folders among ``folders`` with new mail: one LIST-STATUS where offered, else a STATUS each."""
+        list_status = bool(await self._call(client.has_capability, "LIST-STATUS"))
+        found = await self._call(imap_watch.statuses, client, folders, list_status)
+        return {f for f, (uidvalidity, uidnext) in found.items() if imap_watch.newer(f, uidvalidity, uidnext, self._scanned)}
+
     async def _idle_offered(self, client: imapclient.IMAPClient) -> bool:
         offered = bool(await self._call(client.has_capability, "IDLE"))
         if not offered and self.config.idle is True and not self._idle_warned:
@@ -324,24 +416,9 @@ class ImapConnector:
             self._log.warning("idle_unsupported", detail="the server does not offer IDLE; polling instead")
         return offered
 
-    def _idle_blocking(self, client: imapclient.IMAPClient, seconds: float, stop: threading.Event) -> bool:
-        """One IDLE command of at most ``seconds`` (in the connector's thread); True on new mail."""
-        client.idle()
-        end = time.monotonic() + seconds
-        changed = False
-        while not changed and not stop.is_set():
-            left = end - time.monotonic()
-            if left <= 0:
-                break
-            step = min(left, IDLE_SLICE_S)
-            started = time.monotonic()
-            responses = client.idle_check(step)
-            changed = any(_is_new_mail(r) for r in responses)
-            if not responses and time.monotonic() - started < step / 2:
-                # Readable but nothing to parse: most likely the server hung up; DONE tells.
-                break
-        _, responses = client.idle_done()
-        return changed or any(_is_new_mail(r) for r in responses)
+    def _idle_blocking(self, client: imapclient.IMAPClient, seconds: float, stop: threading.Event, folder: str | None = None) -> set[str]:
+        """One IDLE command of at most ``seconds`` (in the connector's thread); the folders with new mail."""
+        return imap_watch.idle(client, seconds, stop, selected=folder or self.idle_folder, scanned=self._scanned)
 
     async def _chunks(self, client: imapclient.IMAPClient, uids: list[int]) -> list[list[int]]:
         """Split ``uids`` into fetches bounded by message count and by bytes.
@@ -398,21 +475,42 @@ class ImapConnector:
             )
         return out
 
-    async def _normalize(self, raw: list[RawMail], asked: int, folder: str) -> tuple[list[dict[str, Any]], int]:
-        records = []
-        skipped = asked - len(raw)
+    async def _normalize(self, raw: list[RawMail], asked: int, folder: str) -> tuple[list[dict[str, Any]], int, list[MalformedItem]]:
+        """Records of ``raw``; vanished messages are skipped, ones that cannot be parsed go to quarantine."""
+        records, malformed = [], []
         for item, (record, reason) in zip(raw, await self.parser.parse(raw), strict=True):
             if record is None:
-                skipped += 1
-                self._log.warning("message_skipped", folder=folder, uid=item.source["uid"], reason=reason)
+                self._log.warning("message_not_parsed", folder=folder, uid=item.source["uid"], reason=reason)
+                malformed.append(MalformedItem(reason or "not parsed", item_id=item.source["uid"], stream=folder))
             else:
                 records.append(record)
-        return records, skipped
+        return records, asked - len(raw), malformed
+
+    async def _examine(self, client: imapclient.IMAPClient, folder: str) -> Mapping[bytes, Any]:
+        """Open ``folder`` read-only (EXAMINE, as well as BODY.PEEK: capture never changes flags)."""
+        try:
+            return await self._call(client.select_folder, folder, readonly=True)
+        except IMAPClientError as exc:
+            if _nonexistent(exc):
+                raise FolderMissing(f"no folder {folder!r}: {_text(exc)}") from None
+            raise
+
+    async def _gone(self, client: imapclient.IMAPClient, streams: list[str]) -> list[str]:
+        """Which of ``streams`` (folders with a checkpoint but no longer read) the server no longer has."""
+        gone = []
+        for folder in streams:
+            try:
+                await self._call(client.folder_status, folder, [b"UIDVALIDITY"])
+            except IMAPClientError as exc:
+                if _nonexistent(exc):
+                    gone.append(folder)
+        return gone
 
 
-def _is_new_mail(response: Any) -> bool:
-    # "* 12 EXISTS" arrives as (12, b"EXISTS"); EXPUNGE, FETCH (flags) and "OK Still here" are not new mail.
-    return isinstance(response, tuple) and len(response) >= 2 and response[1] == b"EXISTS"
+def _nonexistent(exc: BaseException) -> bool:
+    """True when the server said the folder does not exist (RFC 5530 NONEXISTENT, or the words for it)."""
+    text = _text(exc).lower()
+    return "nonexistent" in text or "exist" in text or "unknown mailbox" in text or "could not be found" in text
 
 
 def _body(data: Mapping[bytes, Any]) -> bytes | None:

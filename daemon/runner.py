@@ -475,7 +475,10 @@ class Runner:
             # but the checkpoint is the new owner's to move now, never ours to move back.
             log.warning("checkpoint_skipped_lease_expired", source=connector.name, stream=batch.stream)
             return False
-        await self.sink.save_checkpoint(connector.name, batch.stream, batch.checkpoint)
+        if batch.retired:
+            await self.sink.forget_checkpoint(connector.name, batch.stream)
+        else:
+            await self.sink.save_checkpoint(connector.name, batch.stream, batch.checkpoint)
         return True
 
     def _batch_done(self, worker: _Worker, batch: Batch, seconds: float) -> None:

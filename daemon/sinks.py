@@ -25,6 +25,8 @@ class Sink(Protocol):
 
     async def save_checkpoint(self, source: str, stream: str, checkpoint: Mapping[str, Any]) -> None: ...
 
+    async def forget_checkpoint(self, source: str, stream: str) -> None: ...
+
 
 @runtime_checkable
 class KeepsStatus(Protocol):
@@ -66,6 +68,10 @@ class StoreSink:
         await self.store.save_checkpoint(source, stream, checkpoint)
         log.debug("checkpoint_saved", source=source, stream=stream, checkpoint=dict(checkpoint))
 
+    async def forget_checkpoint(self, source: str, stream: str) -> None:
+        await self.store.delete_checkpoint(source, stream)
+        log.info("checkpoint_retired", source=source, stream=stream)
+
     async def save_source_status(self, source: str, fields: Mapping[str, Any]) -> None:
         await self.store.save_source_status(source, fields)
 
@@ -92,4 +98,7 @@ class DryRunSink:
             log.warning("item_not_readable", source=source, stream=batch.stream, item=item.item_id, reason=item.reason)
 
     async def save_checkpoint(self, source: str, stream: str, checkpoint: Mapping[str, Any]) -> None:
+        return None
+
+    async def forget_checkpoint(self, source: str, stream: str) -> None:
         return None

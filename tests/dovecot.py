@@ -612,6 +612,18 @@ class DovecotServer:
             raise RuntimeError(f"UIDVALIDITY of {user}/{folder} did not change ({old})")
         return got
 
+    def recreate_folder(self, user: str, folder: str) -> int:
+        """Empty ``folder`` as a migration tool or a restore from backup would: same UIDVALIDITY, UIDs from 1 again.
+
+        The folder is deleted and created anew, then given back its old
+        UIDVALIDITY with ``doveadm mailbox update``. Returns that UIDVALIDITY.
+        """
+        old = int(self.doveadm("-f", "flow", "mailbox", "status", "-u", user, "uidvalidity", folder).split("=")[1])
+        self.doveadm("mailbox", "delete", "-u", user, "-s", folder)
+        self.doveadm("mailbox", "create", "-u", user, folder)
+        self.doveadm("mailbox", "update", "-u", user, "--uid-validity", str(old), folder)
+        return old
+
     def doveadm(self, *args: str) -> str:
         """Run ``doveadm -c <our conf> ARGS`` and return its stdout."""
         res = subprocess.run([DOVEADM_BIN, "-c", self.conf_file, *args],

@@ -6,6 +6,8 @@ import asyncio
 import time
 from datetime import timedelta
 
+import pytest
+
 from commsync.config import settings_from_dict
 from commsync.daemon import app
 from commsync.daemon.runner import Runner, StoreSink
@@ -42,9 +44,9 @@ def spy_idle(connector):
     calls = []
     real = connector._idle_blocking
 
-    def counting(client, seconds, stop):
+    def counting(client, seconds, stop, *folder):
         calls.append(seconds)
-        return real(client, seconds, stop)
+        return real(client, seconds, stop, *folder)
 
     connector._idle_blocking = counting
     return calls
@@ -60,21 +62,48 @@ async def test_appended_message_is_captured_through_idle(dovecot, imap_user, mem
     try:
         await eventually(lambda: memory_store.records.count_documents({}), what="first pass")
         await eventually(lambda: runner.status["m"].state == "waiting")
-        sent_before = dovecot.append(imap_user.name, "Sent", message(50, sender=f"{imap_user.name}@ourco.example"))
         started = time.monotonic()
         await asyncio.to_thread(dovecot.append, imap_user.name, "INBOX", message(2))
         await eventually(lambda: memory_store.records.count_documents({"subject": {"$regex": "^Order 1002"}}), timeout=30)
         latency = time.monotonic() - started
         # Typically ~0.5 s on loopback, Dovecot's own notification delay (tests/bench_idle.py).
         assert latency < 5, latency
-        # The wake-up reads the main folder only; Sent waits for its poll.
-        assert await memory_store.records.count_documents({"sources.folder": "Sent"}) == 0
-        assert sent_before == 1
+        # Every configured folder is watched (NOTIFY): new mail in Sent arrives as fast.
+        await eventually(lambda: runner.status["m"].state == "waiting")
+        started = time.monotonic()
+        await asyncio.to_thread(dovecot.append, imap_user.name, "Sent", message(50, sender=f"{imap_user.name}@ourco.example"))
+        await eventually(lambda: memory_store.records.count_documents({"sources.folder": "Sent"}), timeout=30)
+        assert time.monotonic() - started < 5
         state = await memory_store.load_state("m")
-        assert state["INBOX"]["last_uid"] == 2 and state["Sent"]["last_uid"] == 0
+        assert state["INBOX"]["last_uid"] == 2 and state["Sent"]["last_uid"] == 1
     finally:
         runner.stop()
         assert await asyncio.wait_for(task, 15) is True
+
+
+@pytest.mark.parametrize("offered", ["LIST-STATUS", "STATUS only"])
+async def test_without_notify_the_other_folders_are_checked_cheaply(dovecot, imap_user, offered):
+    """IDLE on INBOX, and one LIST-STATUS (or a STATUS per folder) of the others every check_every seconds."""
+    connector = connector_for(dovecot, imap_user, folders=["INBOX", "Sent", "Archive"])
+    connector.check_every = 0.5
+    hidden = {"NOTIFY"} | ({"LIST-STATUS"} if offered == "STATUS only" else set())
+    commands = []
+    try:
+        await drain(connector)
+        client = connector._client
+        real_has, real_status = client.has_capability, client.folder_status
+        client.has_capability = lambda name: name not in hidden and real_has(name)
+        client.folder_status = lambda *a, **k: commands.append("STATUS") or real_status(*a, **k)
+        waiting = asyncio.create_task(connector.wait_for_change(30))
+        await asyncio.sleep(0.2)
+        dovecot.append(imap_user.name, "Archive", message(3))
+        assert await asyncio.wait_for(waiting, 10) is True
+        assert connector._wake == ["Archive"]
+        # With LIST-STATUS one command covers both other folders; without it, one STATUS each.
+        assert (commands == []) if offered == "LIST-STATUS" else (len(commands) >= 2)
+        assert [r["sources"][0]["folder"] for r in await drain(connector, {"INBOX": {}, "Sent": {}})] == ["Archive"]
+    finally:
+        await connector.aclose()
 
 
 async def test_idle_is_reissued_and_still_reports_mail(dovecot, imap_user):

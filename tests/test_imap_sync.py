@@ -312,6 +312,10 @@ async def test_a_message_that_kills_a_parse_worker_is_skipped_and_the_pool_recov
         ok, runner, sink = await sync(settings, memory_store, executor=pool)
         assert ok, runner.status
         assert sum(b[2] for b in sink.batches) == 4 and sum(b[3] for b in sink.batches) == 1
+        # Not dropped silently: it waits in quarantine, with its UID and why.
+        (entry,) = await memory_store.quarantine_list()
+        assert (entry["source"], entry["stream"], entry["item_id"]) == ("box0", "INBOX", 3)
+        assert entry["reason"] == "the parser process died on this message" and entry["attempts"] == 1
         # The pool was replaced, and the next pass parses on it as usual.
         dovecot.append(imap_user.name, "INBOX", message(9))
         ok, _, sink = await sync(settings, memory_store, executor=pool)

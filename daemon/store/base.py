@@ -123,12 +123,9 @@ class StoreBase:
             upsert=True,
         )
 
-    async def retire_checkpoints(self, source: str, keep: set[str]) -> list[str]:
-        """Delete the checkpoints of ``source`` for streams not in ``keep`` (folders that are gone); their names."""
-        docs = await self.sync_state.find({"source": source, "stream": {"$nin": sorted(keep)}}, {"stream": 1}).to_list(None)
-        if docs:
-            await self.sync_state.delete_many({"_id": {"$in": [d["_id"] for d in docs]}})
-        return [d["stream"] for d in docs]
+    async def delete_checkpoint(self, source: str, stream: str) -> None:
+        """Forget the checkpoint of a stream that is gone from its source (a deleted or renamed folder)."""
+        await self.sync_state.delete_one({"_id": f"{source}/{stream}"})
 
     # -- validators ------------------------------------------------------------
 
