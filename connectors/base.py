@@ -94,6 +94,8 @@ class Batch:
     ``malformed`` holds the items that could not be read, for quarantine.
     ``retired`` says the stream is gone from the remote system (a deleted or
     renamed folder): its checkpoint is forgotten instead of saved.
+    ``item_ids`` (from `Refetches.refetch` only) names the item each record
+    came from, in order.
     """
 
     stream: str
@@ -103,6 +105,24 @@ class Batch:
     skipped: int = 0
     malformed: Sequence[MalformedItem] = field(default_factory=tuple)
     retired: bool = False
+    item_ids: Sequence[Any] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteItem:
+    """One item a stream holds on the remote system, as `commsync verify` sees it (no content).
+
+    ``item_id`` locates it in the stream (an IMAP UID, a Twilio SID);
+    ``record_id`` is the `_id` its record has, when the connector can tell
+    without reading the item (a Message-ID; a SID); ``label`` names it for a
+    human; ``excluded`` is the connector's own reason it never becomes a record
+    (a call that never started, a leg that belongs to its parent's record).
+    """
+
+    item_id: Any
+    record_id: Any = None
+    label: str | None = None
+    excluded: str | None = None
 
 
 # -- the protocol and its optional capabilities ----------------------------------------------
@@ -152,6 +172,24 @@ class ReportsProblems(Protocol):
     """
 
     problems: Mapping[str, str]
+
+
+@runtime_checkable
+class Refetches(Protocol):
+    """A source that can read given items again (quarantine retries, `commsync verify --repair`)."""
+
+    def refetch(self, stream: str, checkpoint: Mapping[str, Any] | None, items: Sequence[tuple[Any, Mapping[str, Any]]]) -> AsyncIterator[Batch]:
+        """Batches of the items ``(item_id, detail)`` of ``stream``, with ``item_ids`` filled; checkpoints are not moved."""
+        ...
+
+
+@runtime_checkable
+class Inventories(Protocol):
+    """A source that can list what a stream holds within the range already synced (`commsync verify`)."""
+
+    async def inventory(self, stream: str, checkpoint: Mapping[str, Any]) -> list[RemoteItem]:
+        """Every item of ``stream`` up to ``checkpoint``, read cheaply (ids and headers, never bodies)."""
+        ...
 
 
 CheckStep = tuple[str, Callable[[], Awaitable[str]]]

@@ -2,7 +2,7 @@
 
 imapclient is blocking, so each connector drives its connection from one
 thread of its own; the event loop only awaits it. Between passes the same
-connection waits for new mail (imap_watch.py: IDLE, NOTIFY for every folder
+connection waits for new mail (imap_extensions.py: IDLE, NOTIFY for every folder
 where offered, else a cheap LIST-STATUS check of the others).
 
 What can go wrong without failing the mailbox is reported in ``problems``:
@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -34,8 +35,9 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginEr
 
 from commsync.config.models import MailboxConfig
 
-from . import imap_watch
-from .base import Batch, CredentialsRefused, MalformedItem, SourceError, TemporarilyUnavailable, describe
+from . import imap_extensions
+from .base import Batch, CredentialsRefused, MalformedItem, RemoteItem, SourceError, TemporarilyUnavailable, describe
+from .mail import normalize_message_id
 from .oauth import imap_refusal, token_provider
 from .parsing import MailParser, RawMail, mail_options
 
@@ -50,8 +52,17 @@ CHECK_EVERY_S = 30.0
 NOTICE_S = 24 * 3600.0
 
 
+# UIDs per window when verify lists a folder's Message-IDs: one command each, answered in one go.
+INVENTORY_WINDOW = 20_000
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*((?:.|\r?\n[ \t])*)", re.IGNORECASE | re.MULTILINE)
+
+
 class FolderMissing(SourceError):
     """A configured folder does not exist on the server."""
+
+
+class StaleCheckpoint(SourceError):
+    """The folder's UIDVALIDITY is not the checkpoint's any more: its UIDs name other messages now."""
 
 
 def tls_context(verify: bool, ca_file: Any = None) -> ssl.SSLContext:
@@ -355,12 +366,12 @@ class ImapConnector:
             main = self.idle_folder
             others = [f for f in self._folder_list if f != main and f not in self._missing]
             info = await self._examine(client, main)
-            changed = {main} if imap_watch.newer(main, int(info[b"UIDVALIDITY"]), int(info.get(b"UIDNEXT") or 0), self._scanned) else set()
+            changed = {main} if imap_extensions.newer(main, int(info[b"UIDVALIDITY"]), int(info.get(b"UIDNEXT") or 0), self._scanned) else set()
             notify = bool(others) and await self._call(client.has_capability, "NOTIFY")
             try:
                 if notify:
-                    found = await self._call(imap_watch.notify_set, client, others)
-                    changed |= {f for f, (v, n) in found.items() if f in others and imap_watch.newer(f, v, n, self._scanned)}
+                    found = await self._call(imap_extensions.notify_set, client, others)
+                    changed |= {f for f, (v, n) in found.items() if f in others and imap_extensions.newer(f, v, n, self._scanned)}
                 elif others:
                     changed |= await self._check_others(client, others)
                 if not changed:
@@ -368,7 +379,7 @@ class ImapConnector:
                     changed = await self._idle_until(client, main, deadline, others if not notify else [])
             finally:
                 if notify:
-                    await self._call(imap_watch.notify_none, client)
+                    await self._call(imap_extensions.notify_none, client)
             if changed:
                 self._log.debug("new_mail", folders=sorted(changed))
                 self._wake = sorted(changed)
@@ -406,8 +417,8 @@ class ImapConnector:
     async def _check_others(self, client: imapclient.IMAPClient, folders: list[str]) -> set[str]:
         """The folders among ``folders`` with new mail: one LIST-STATUS where offered, else a STATUS each."""
         list_status = bool(await self._call(client.has_capability, "LIST-STATUS"))
-        found = await self._call(imap_watch.statuses, client, folders, list_status)
-        return {f for f, (uidvalidity, uidnext) in found.items() if imap_watch.newer(f, uidvalidity, uidnext, self._scanned)}
+        found = await self._call(imap_extensions.statuses, client, folders, list_status)
+        return {f for f, (uidvalidity, uidnext) in found.items() if imap_extensions.newer(f, uidvalidity, uidnext, self._scanned)}
 
     async def _idle_offered(self, client: imapclient.IMAPClient) -> bool:
         offered = bool(await self._call(client.has_capability, "IDLE"))
@@ -418,7 +429,43 @@ class ImapConnector:
 
     def _idle_blocking(self, client: imapclient.IMAPClient, seconds: float, stop: threading.Event, folder: str | None = None) -> set[str]:
         """One IDLE command of at most ``seconds`` (in the connector's thread); the folders with new mail."""
-        return imap_watch.idle(client, seconds, stop, selected=folder or self.idle_folder, scanned=self._scanned)
+        return imap_extensions.idle(client, seconds, stop, selected=folder or self.idle_folder, scanned=self._scanned)
+
+    # -- verify and repair ------------------------------------------------------------------
+
+    async def inventory(self, folder: str, checkpoint: Mapping[str, Any]) -> list[RemoteItem]:
+        """Every message of ``folder`` up to the checkpoint's last UID: UIDs and Message-IDs, never bodies."""
+        client = await self._connected()
+        info = await self._examine(client, folder)
+        if int(info[b"UIDVALIDITY"]) != checkpoint.get("uidvalidity"):
+            raise StaleCheckpoint(f"folder {folder!r}: UIDVALIDITY changed since the last pass; the next pass reads it again")
+        last = int(checkpoint.get("last_uid") or 0)
+        items: list[RemoteItem] = []
+        for start in range(1, last + 1, INVENTORY_WINDOW):
+            end = min(last, start + INVENTORY_WINDOW - 1)
+            response = await self._call(imap_extensions.fetch_range, client, start, end, ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
+            for uid in sorted(u for u in response if u <= last):
+                header = _header_bytes(response[uid])
+                found = _MESSAGE_ID.search(header or b"")
+                mid = normalize_message_id(found.group(1).decode("utf-8", "replace")) if found else None
+                items.append(RemoteItem(uid, record_id=mid, label=f"UID {uid}" + (f" <{mid}>" if mid else " (no Message-ID)")))
+        return items
+
+    async def refetch(
+        self, folder: str, checkpoint: Mapping[str, Any] | None, items: Sequence[tuple[Any, Mapping[str, Any]]]
+    ) -> AsyncIterator[Batch]:
+        """The messages ``items`` (UIDs, with the UIDVALIDITY they were seen under) of ``folder``, normalized."""
+        client = await self._connected()
+        info = await self._examine(client, folder)
+        uidvalidity = int(info[b"UIDVALIDITY"])
+        # A UID from an older UIDVALIDITY names nothing now: the folder was read again since.
+        uids = sorted({int(uid) for uid, detail in items if detail.get("uidvalidity", uidvalidity) == uidvalidity})
+        for start in range(0, len(uids), self.config.batch_size):
+            chunk = uids[start : start + self.config.batch_size]
+            raw = await self._fetch(client, folder, uidvalidity, chunk)
+            records, skipped, malformed = await self._normalize(raw, len(chunk), folder)
+            ids = [item.source["uid"] for item in raw if item.source["uid"] not in {m.item_id for m in malformed}]
+            yield Batch(folder, records, {}, skipped=skipped, malformed=malformed, item_ids=ids)
 
     async def _chunks(self, client: imapclient.IMAPClient, uids: list[int]) -> list[list[int]]:
         """Split ``uids`` into fetches bounded by message count and by bytes.
@@ -481,7 +528,8 @@ class ImapConnector:
         for item, (record, reason) in zip(raw, await self.parser.parse(raw), strict=True):
             if record is None:
                 self._log.warning("message_not_parsed", folder=folder, uid=item.source["uid"], reason=reason)
-                malformed.append(MalformedItem(reason or "not parsed", item_id=item.source["uid"], stream=folder))
+                detail = {"uidvalidity": item.source["uidvalidity"]}
+                malformed.append(MalformedItem(reason or "not parsed", item_id=item.source["uid"], stream=folder, detail=detail))
             else:
                 records.append(record)
         return records, asked - len(raw), malformed
@@ -511,6 +559,13 @@ def _nonexistent(exc: BaseException) -> bool:
     """True when the server said the folder does not exist (RFC 5530 NONEXISTENT, or the words for it)."""
     text = _text(exc).lower()
     return "nonexistent" in text or "exist" in text or "unknown mailbox" in text or "could not be found" in text
+
+
+def _header_bytes(data: Mapping[bytes, Any]) -> bytes | None:
+    for key, value in data.items():
+        if key.startswith(b"BODY[HEADER.FIELDS") and value is not None:
+            return bytes(value)
+    return None
 
 
 def _body(data: Mapping[bytes, Any]) -> bytes | None:

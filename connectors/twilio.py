@@ -32,9 +32,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,7 +47,7 @@ from twilio.rest import Client
 
 from commsync.config.models import TWILIO_BASE_URL, TwilioAccountConfig
 
-from .base import Batch, CredentialsRefused, MalformedItem, TemporarilyUnavailable, cut, describe
+from .base import Batch, CredentialsRefused, MalformedItem, RemoteItem, TemporarilyUnavailable, cut, describe
 from .twilio_records import Call, Malformed, Options, call_record, message_record, parse_call, parse_time, unreadable_numbers
 from .twilio_window import MAX_CALL, Conversation, LegGroups, Window
 
@@ -176,7 +176,130 @@ class Pager:
             self._pending = None
 
 
-class TwilioConnector:
+class _Verify:
+    """`commsync verify` and `--repair` for a Twilio account: mixed into TwilioConnector."""
+
+    async def inventory(self: TwilioConnector, stream: str, checkpoint: Mapping[str, Any]) -> list[RemoteItem]:
+        """Every SID of ``stream`` (``calls`` or ``messages``) from ``since`` to the checkpoint's cursor.
+
+        Child legs, calls that never started and messages not sent yet never
+        become records of their own: they are listed as excluded, with why.
+        """
+        cursor = _cursor(checkpoint)
+        if cursor is None:
+            return []
+        account = await self._call(self._account)
+        key = "start_time" if stream == "calls" else "date_sent"
+        query: dict[str, Any] = {"page_size": 1000, f"{key}_before": (cursor.date() + timedelta(days=1)).isoformat()}
+        if self.config.since is not None:
+            query[f"{key}_after"] = self.config.since.isoformat()
+        resource = getattr(account, stream)
+        pages = self._pager(f"list {stream}", lambda: resource.page(**query), stream)
+        items: list[RemoteItem] = []
+        try:
+            while (page := await pages.next()) is not None:
+                pages.prefetch()
+                for raw in page[0]:
+                    item = _remote_item(stream, raw, cursor)
+                    if item is not None:
+                        items.append(item)
+        finally:
+            await pages.aclose()
+        return items
+
+    async def refetch(
+        self: TwilioConnector, stream: str, checkpoint: Mapping[str, Any] | None, items: Sequence[tuple[Any, Mapping[str, Any]]]
+    ) -> AsyncIterator[Batch]:
+        """The calls or messages ``items`` (SIDs), each read by itself, as records."""
+        account = await self._call(self._account)
+        records, bad, found = [], [], []
+        for sid, _ in items:
+            try:
+                record = await (self._refetch_call(account, sid) if stream == "calls" else self._refetch_message(sid))
+            except Malformed as exc:
+                bad.append(MalformedItem(str(exc), item_id=sid, stream=stream))
+                continue
+            if record is not None:
+                records.append(record)
+                found.append(sid)
+        yield Batch(stream, records, {}, malformed=bad, item_ids=found)
+
+    async def _refetch_message(self: TwilioConnector, sid: str) -> dict[str, Any] | None:
+        raw = await self._get_json("fetch message", f"Messages/{sid}.json")
+        return message_record(raw, self.options) if raw is not None else None
+
+    async def _refetch_call(self: TwilioConnector, account: Any, sid: str) -> dict[str, Any] | None:
+        raw = await self._get_json("fetch call", f"Calls/{sid}.json")
+        if raw is None:
+            return None
+        root = parse_call(raw)
+        if root.start is None or root.parent:
+            return None  # never started, or a leg: not a record of its own
+        legs = [call async for call in self._children(account, sid)]
+        page = await self._request("list recordings", lambda: account.recordings.page(call_sid=sid, page_size=100))
+        own = [r for r in _payload(page, "recordings")[0] if isinstance(r, Mapping)]
+        conv = Conversation(root, legs, own)
+        if not conv.ended:
+            return None
+        return call_record(root, legs, own, self.options)
+
+    async def _get_json(self: TwilioConnector, what: str, path: str) -> dict[str, Any] | None:
+        """One resource of the account as Twilio's JSON (None when it does not exist)."""
+        account = await self._call(self._account)
+        del account  # makes the client; the request below goes through its (rebased) HTTP client
+        url = f"https://api.twilio.com/2010-04-01/Accounts/{self.config.account_sid}/{path}"
+        response = await self._request(what, self._client.request, "GET", url)
+        status = getattr(response, "status_code", None)
+        if status == 404:
+            return None
+        if status in (401, 403):
+            raise CredentialsRefused(f"{what}: credentials refused for account {self.config.account_sid} (HTTP {status})")
+        if status != 200:
+            raise TwilioUnavailable(f"{what}: HTTP {status}{_error_detail(getattr(response, 'text', None))}")
+        try:
+            body = json.loads(response.text)
+        except ValueError:
+            raise TwilioUnavailable(f"{what}: unreadable response") from None
+        if not isinstance(body, dict):
+            raise Malformed("not an object")
+        return body
+
+
+def _cursor(checkpoint: Mapping[str, Any]) -> datetime | None:
+    value = checkpoint.get("cursor")
+    try:
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _remote_item(stream: str, raw: Any, cursor: datetime) -> RemoteItem | None:
+    """What verify needs of one list item; None when it lies beyond the cursor (not synced yet)."""
+    sid = raw.get("sid") if isinstance(raw, Mapping) else None
+    if not isinstance(sid, str):
+        return RemoteItem(None, label="an item without a SID", excluded="unreadable: no SID")
+    try:
+        if stream == "calls":
+            call = parse_call(raw)
+            if call.start is not None and call.start > cursor:
+                return None
+            if call.parent:
+                return RemoteItem(sid, label=sid, excluded=f"a leg of {call.parent}: in that call's record")
+            if call.start is None:
+                return RemoteItem(sid, label=sid, excluded="never started (canceled or failed while queued)")
+            return RemoteItem(sid, record_id=sid, label=sid)
+        sent = parse_time(raw.get("date_sent"), "date_sent")
+        if sent is None:
+            return RemoteItem(sid, label=sid, excluded="not sent yet")
+        if sent > cursor:
+            return None
+        return RemoteItem(sid, record_id=sid, label=sid)
+    except Malformed:
+        # Unreadable items are the quarantine's: expected as a record, found there or missing.
+        return RemoteItem(sid, record_id=sid, label=sid)
+
+
+class TwilioConnector(_Verify):
     """One configured Twilio account."""
 
     kind = "twilio"

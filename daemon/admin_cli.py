@@ -24,9 +24,6 @@ from .schema import SCHEMA_VERSION
 from .store import Store, id_variants
 from .text import cut, json_default
 
-# The store factory; tests may replace it.
-open_store: Callable[[Any], Store] = app.open_store
-
 Action = Callable[[Store, Any, argparse.Namespace, "Console"], Awaitable[int]]
 
 
@@ -53,7 +50,7 @@ class Console:
 
 def _with_store(action: Action) -> Callable[[Any, argparse.Namespace], Awaitable[int]]:
     async def handler(settings: Any, args: argparse.Namespace) -> int:
-        store = open_store(settings)
+        store = app.open_store(settings)
         try:
             return await action(store, settings, args, Console())
         finally:

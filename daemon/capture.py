@@ -23,10 +23,14 @@ class Screened:
 
     records: dict[Any, dict[str, Any]]
     dropped: dict[str, int] = field(default_factory=dict)
+    # Each record left out, with why: the store keeps this per item, so `verify` tells excluded from missing.
+    left_out: dict[Any, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
     def drop(self, rid: Any, reason: str) -> None:
-        if self.records.pop(rid, None) is not None:
+        record = self.records.pop(rid, None)
+        if record is not None:
             self.dropped[reason] = self.dropped.get(reason, 0) + 1
+            self.left_out[rid] = (reason, record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,7 @@ class Plan:
     create: list[dict[str, Any]]
     touched: set[Any]
     dropped: dict[str, int]
+    left_out: dict[Any, tuple[str, dict[str, Any]]]
 
 
 def screen(records: Iterable[Mapping[str, Any]], capture: policy.CapturePolicy, now: datetime) -> Screened:
@@ -95,6 +100,7 @@ def plan(screened: Screened, found: Lookups, capture: policy.CapturePolicy, regi
         create=[doc for doc in created.values() if doc["_id"] in used],
         touched=touched,
         dropped=screened.dropped,
+        left_out=screened.left_out,
     )
 
 
@@ -109,3 +115,15 @@ def merge_duplicates(records: Iterable[Mapping[str, Any]]) -> dict[Any, dict[str
         else:
             merged[rid] = {**record, "sources": list(record.get("sources", ()))}
     return merged
+
+
+def item_of(record: Mapping[str, Any], source: str | None, stream: str | None) -> tuple[Any, dict[str, Any]]:
+    """Which item of ``source``/``stream`` a record came from: (its id there, what else locates it).
+
+    An IMAP message is its UID under a UIDVALIDITY; anything else is the
+    record's own id (a Twilio SID).
+    """
+    for entry in record.get("sources", ()):
+        if entry.get("source") == source and entry.get("uid") is not None and entry.get("folder", stream) == stream:
+            return entry["uid"], {"uidvalidity": entry.get("uidvalidity")}
+    return record.get("_id"), {}

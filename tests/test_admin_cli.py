@@ -9,7 +9,7 @@ import json
 import pytest
 
 from commsync.config import settings_from_dict
-from commsync.daemon import admin_cli
+from commsync.daemon import admin_cli, app
 from commsync.daemon.cli import _parser, main
 from commsync.daemon.store import Store
 
@@ -224,7 +224,7 @@ def test_main_runs_a_command_with_an_injected_store(db_config, tmp_path, capsys,
     asyncio.run(seeded())
     if store.memory:
         # mongomock keeps its data in the client: every command must see this one.
-        monkeypatch.setattr(admin_cli, "open_store", lambda settings: Shared(store))
+        monkeypatch.setattr(app, "open_store", lambda settings: Shared(store))
     else:
         store.close()  # each command opens the configured server itself
     assert main(["records", "list", "--json", "-c", str(config)]) == 0

@@ -27,9 +27,10 @@ from .coordination import CoordinationMixin
 from .memory import patch_mongomock
 from .quarantine import QuarantineMixin
 from .records import BatchResult, RecordsMixin
+from .verify import VerifyMixin
 
 
-class Store(RecordsMixin, CoordinationMixin, AdminMixin, QuarantineMixin):
+class Store(RecordsMixin, CoordinationMixin, AdminMixin, QuarantineMixin, VerifyMixin):
     """Records, histories, checkpoints, coordination and quarantine in one MongoDB database."""
 
 

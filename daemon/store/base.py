@@ -107,6 +107,8 @@ class StoreBase:
         await self.records.create_index([("participants.address", 1), ("occurred_at", -1)], name="participant_time")
         await self.tombstones.create_index([("occurred_at", 1)], name="occurred")
         await self.quarantined.create_index([("source", 1), ("stream", 1)], name="source_stream")
+        # verify: a folder's records by their source entries.
+        await self.records.create_index([("sources.source", 1), ("sources.folder", 1), ("sources.uidvalidity", 1)], name="source_folder")
 
     # -- checkpoints ---------------------------------------------------------
 

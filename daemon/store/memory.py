@@ -70,4 +70,6 @@ async def retire_sources(records: Any, query: Mapping[str, Any], stale: Mapping[
 def _matches(value: Any, condition: Any) -> bool:
     if isinstance(condition, Mapping) and set(condition) == {"$ne"}:
         return value != condition["$ne"]
+    if isinstance(condition, Mapping) and set(condition) == {"$in"}:
+        return value in condition["$in"]
     return value == condition

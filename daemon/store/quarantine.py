@@ -20,6 +20,7 @@ from pymongo import UpdateOne
 
 from commsync.connectors.base import MalformedItem
 
+from .. import capture
 from ..text import cut
 from .base import StoreBase, now_utc
 
@@ -46,25 +47,36 @@ class QuarantineMixin(StoreBase):
 
     async def quarantine_items(self, source: str | None, stream: str | None, items: Sequence[MalformedItem]) -> int:
         """Keep ``items`` the connector could not read; how many entries were written."""
-        entries = [(item.stream or stream, item.item_id, None, item.reason) for item in items]
+        entries = [(item.stream or stream, item.item_id, None, item.reason, item.detail) for item in items]
         return await self._quarantine(source, entries)
 
     async def quarantine_records(self, source: str | None, stream: str | None, refused: Sequence[tuple[dict[str, Any], str]]) -> int:
         """Keep the ids of records that could not be stored, with why."""
-        entries = [(stream, _item_id(record, source, stream), record.get("_id"), reason) for record, reason in refused]
+        entries = []
+        for record, reason in refused:
+            item_id, detail = capture.item_of(record, source, stream)
+            entries.append((stream, item_id, record.get("_id"), reason, detail))
         return await self._quarantine(source, entries)
 
-    async def _quarantine(self, source: str | None, entries: Iterable[tuple[str | None, Any, Any, str]]) -> int:
+    async def _quarantine(self, source: str | None, entries: Iterable[tuple[str | None, Any, Any, str, dict[str, Any]]]) -> int:
         now = now_utc()
         ops = []
-        for stream, item_id, record_id, reason in entries:
+        for stream, item_id, record_id, reason, detail in entries:
             reason = cut(reason, 300)
             qid = quarantine_id(source, stream, item_id, reason)
             ops.append(
                 UpdateOne(
                     {"_id": qid},
                     {
-                        "$set": {"source": source, "stream": stream, "item_id": item_id, "record_id": record_id, "reason": reason, "last_attempt_at": now},
+                        "$set": {
+                            "source": source,
+                            "stream": stream,
+                            "item_id": item_id,
+                            "detail": dict(detail or {}),
+                            "record_id": record_id,
+                            "reason": reason,
+                            "last_attempt_at": now,
+                        },
                         "$setOnInsert": {"first_attempt_at": now},
                         "$inc": {"attempts": 1},
                     },
@@ -120,11 +132,3 @@ class QuarantineMixin(StoreBase):
 def _due(now: Any, attempts: int) -> Any:
     wait = next_retry(attempts)
     return now + wait if wait is not None else None
-
-
-def _item_id(record: dict[str, Any], source: str | None, stream: str | None) -> Any:
-    """The id of the record's item in ``source``/``stream``: an IMAP UID, else the record's own id (a Twilio SID)."""
-    for entry in record.get("sources", ()):
-        if entry.get("source") == source and entry.get("uid") is not None and entry.get("folder", stream) == stream:
-            return entry["uid"]
-    return record.get("_id")

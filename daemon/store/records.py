@@ -71,6 +71,7 @@ class RecordsMixin(StoreBase):
         now = now_utc()
         screened = capture.screen(records, self.capture, now)
         if not screened.records:
+            await self.note_excluded(source, stream, screened.left_out)
             return BatchResult(0, 0, 0, screened.dropped, quarantined)
         region = self.default_region
         ids, digests, addresses = capture.lookup_keys(screened, region)
@@ -88,6 +89,7 @@ class RecordsMixin(StoreBase):
             by_key=by_key,
         )
         plan = capture.plan(screened, found, self.capture, region)
+        await self.note_excluded(source, stream, plan.left_out)
         if not plan.records:
             return BatchResult(0, 0, 0, plan.dropped, quarantined)
         if plan.create:
@@ -151,14 +153,16 @@ class RecordsMixin(StoreBase):
         customers = await self.customers.find(query, {"emails": 1, "phones": 1}).to_list(None)
         return matching.index_customers(customers, self.default_region)
 
-    async def retire_sources(self, stale: Mapping[str, Any]) -> int:
+    async def retire_sources(self, stale: Mapping[str, Any], *, record_ids: Sequence[Any] | None = None) -> int:
         """Mark source entries whose remote ids are void (a folder's new UIDVALIDITY, a renamed folder) gone.
 
         The record keeps them, with ``gone_at``: the contact happened, and the
         record says it is no longer where it was seen. A re-read adds a fresh
         entry beside it when the message is still there.
         """
-        query = {"sources": {"$elemMatch": {**stale, "gone_at": {"$exists": False}}}}
+        query: dict[str, Any] = {"sources": {"$elemMatch": {**stale, "gone_at": {"$exists": False}}}}
+        if record_ids is not None:
+            query["_id"] = {"$in": list(record_ids)}
         now = now_utc()
         if self.memory:
             return await memory.retire_sources(self.records, query, stale, now)

@@ -1,4 +1,6 @@
-"""Knowing when a mailbox has new mail: IDLE, NOTIFY and LIST-STATUS, blocking calls on one connection.
+"""What imapclient does not do for us: NOTIFY, LIST-STATUS, and FETCH of a UID range. Blocking calls.
+
+Knowing when a mailbox has new mail:
 
 * IDLE (RFC 2177) reports new mail in the selected folder.
 * NOTIFY (RFC 5465, which Dovecot offers) makes the same IDLE report every
@@ -9,9 +11,13 @@
   LIST-STATUS, Dovecot and Cyrus), else one ``STATUS`` per folder.
 
 A folder "has new mail" when its UIDVALIDITY differs from, or its UIDNEXT is
-above, what the last pass scanned. These functions run in the connector's
-IMAP thread; imapclient has no NOTIFY or LIST-STATUS, so they speak them
-through its imaplib connection.
+above, what the last pass scanned.
+
+`fetch_range` fetches ``start:end`` as one command (imapclient's fetch wants
+a list of UIDs, which for a whole folder is a very long command line).
+
+These functions run in the connector's IMAP thread and speak through
+imapclient's imaplib connection.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 import imapclient
 from imapclient.imap_utf7 import decode as utf7_decode
 from imapclient.imap_utf7 import encode as utf7_encode
-from imapclient.response_parser import parse_response
+from imapclient.response_parser import parse_fetch_response, parse_response
 
 # imaplib refuses commands it does not know.
 imaplib.Commands.setdefault("NOTIFY", ("AUTH", "SELECTED"))
@@ -154,3 +160,16 @@ def _changes(responses: Iterable[Any], selected: str, scanned: Scanned) -> set[s
             if newer(folder, *_status_fields(r[2]), scanned):
                 out.add(folder)
     return out
+
+
+def fetch_range(client: imapclient.IMAPClient, start: int, end: int, items: list[str]) -> dict[int, dict[bytes, Any]]:
+    """``UID FETCH start:end (items)`` in one command; UID -> data, for the UIDs in that range."""
+    imap = client._imap
+    tag = imap._command("UID", "FETCH", f"{start}:{end}".encode(), "(" + " ".join(items) + ")")
+    typ, data = imap._command_complete("FETCH", tag)
+    if typ != "OK":
+        raise imapclient.exceptions.IMAPClientError(f"fetch failed: {data!r}")
+    typ, data = imap._untagged_response(typ, data, "FETCH")
+    response = parse_fetch_response(data, False, True)
+    # "n:m" also answers the highest UID when it lies below n; and unsolicited FETCHes may come along.
+    return {uid: value for uid, value in response.items() if isinstance(uid, int) and start <= uid <= end}
