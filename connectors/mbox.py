@@ -36,6 +36,8 @@ class MboxConnector:
         self.name = name or f"mbox-{self.path.name}"
         self.parser = parser
         self.batch_size = batch_size
+        # Messages indexed but not yet handed out (progress and status); None until indexed.
+        self.backlog: int | None = None
 
     async def check(self) -> str:
         if not self.path.is_file():
@@ -51,6 +53,7 @@ class MboxConnector:
         box = await asyncio.to_thread(mailbox.mbox, self.path, create=False)
         try:
             keys = (await asyncio.to_thread(box.keys))[done:]
+            self.backlog = len(keys)
             for start in range(0, len(keys), self.batch_size):
                 chunk = keys[start : start + self.batch_size]
                 raws = await asyncio.to_thread(_read_chunk, box, chunk)
@@ -65,6 +68,7 @@ class MboxConnector:
                         log.warning("message_skipped", source=self.name, index=item.source["index"], reason=reason)
                     else:
                         records.append(record)
+                self.backlog = len(keys) - start - len(chunk)
                 yield Batch("messages", records, {"done": done + start + len(chunk)}, skipped=skipped)
         finally:
             box.close()

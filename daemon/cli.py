@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from commsync.connectors.base import check_steps
 from commsync.connectors.mbox import MboxConnector
 
 from . import admin_cli, app, auth_cli, logs, service, status, verify
+from .progress import Progress
 from .runner import DryRunSink, Runner, StoreSink
 from .text import describe
 
@@ -33,6 +35,25 @@ def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress: neither bars (on a terminal) nor `progress` events (otherwise)"
+    )
+
+
+def _progress(args: Any, *, service: bool = False) -> Progress | None:
+    """Progress for a long pass, unless --quiet: bars on a terminal, `progress` events otherwise."""
+    return None if args.quiet else Progress.for_stderr(service=service)
+
+
+def _watch(runner: Runner, progress: Progress | None) -> Any:
+    """Let ``progress`` read the runner's backlogs; a context that takes its bars down at the end."""
+    if progress is None:
+        return nullcontext()
+    progress.runner = runner
+    return progress
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="commsync", description="Capture customer email, calls and texts into MongoDB.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     run.add_argument("--once", action="store_true", help="one pass over every source, then exit (1 if a source failed)")
     run.add_argument("--dry-run", action="store_true", help="print records as JSON lines; write nothing (implies --once)")
+    quiet(run)
 
     with_config(sub.add_parser("check", help="validate the config, reach MongoDB, log in to every source")).set_defaults(handler=_check)
 
@@ -50,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     mbox = with_config(imp_sub.add_parser("mbox", help="an mbox file (Gmail Takeout, Thunderbird)"))
     mbox.add_argument("file", type=Path)
     mbox.add_argument("--name", help="source name for checkpoints (default: mbox-FILENAME)")
+    quiet(mbox)
     mbox.set_defaults(handler=_import)
 
     rebuild = with_config(sub.add_parser("rebuild-history", help="recompute every customer history from the records"))
@@ -98,7 +121,9 @@ async def _run(settings: Settings, args: Any) -> int:
         return 2
     if not (args.once or args.dry_run):
         # The long-running service: sd_notify, watchdog, SIGHUP reload, leases, HTTP, upkeep.
-        return await service.serve(settings, args.config)
+        progress = _progress(args, service=True)
+        with progress or nullcontext():
+            return await service.serve(settings, args.config, progress=progress)
     dry = args.dry_run
     with app.parse_pool(settings) as pool:
         connectors = app.build_connectors(settings, pool)
@@ -110,6 +135,7 @@ async def _run(settings: Settings, args: Any) -> int:
             await store.ping()
             await store.init_db()
             sink = StoreSink(store)
+        progress = _progress(args)
         runner = Runner(
             connectors,
             sink,
@@ -117,10 +143,12 @@ async def _run(settings: Settings, args: Any) -> int:
             poll_interval=settings.daemon.poll_interval,
             intervals={s.name: s.poll_interval for s in settings.sources() if getattr(s, "poll_interval", None)},
             policy=app.retry_policy(settings),
+            listeners=[progress] if progress else [],
         )
         _install_signals(runner)
         log.info("started", sources=len(connectors), dry_run=dry, once=runner.once)
-        ok = await runner.run()
+        with _watch(runner, progress):
+            ok = await runner.run()
         if store is not None:
             store.close()
     log.info("stopped", ok=ok)
@@ -169,9 +197,11 @@ async def _import(settings: Settings, args: Any) -> int:
         store = app.open_store(settings)
         await store.ping()
         await store.ensure_indexes()
-        runner = Runner([connector], StoreSink(store), once=True)
+        progress = _progress(args)
+        runner = Runner([connector], StoreSink(store), once=True, listeners=[progress] if progress else [])
         _install_signals(runner)
-        ok = await runner.run()
+        with _watch(runner, progress):
+            ok = await runner.run()
         store.close()
     status = runner.status[connector.name]
     print(f"imported {status.records} records from {args.file}" + ("" if ok else f"; failed: {status.last_error}"))

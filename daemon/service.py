@@ -33,15 +33,18 @@ log = structlog.get_logger(__name__)
 STATUS_REFRESH_S = 10.0
 
 
-async def serve(settings: Settings, config_path: str | Path) -> int:
-    """Run until SIGTERM/SIGINT; 0 on a clean stop, 1 when MongoDB cannot be reached at start."""
+async def serve(settings: Settings, config_path: str | Path, *, progress: Any = None) -> int:
+    """Run until SIGTERM/SIGINT; 0 on a clean stop, 1 when MongoDB cannot be reached at start.
+
+    ``progress`` (daemon/progress.py) listens to the runner too: first syncs show how far they are.
+    """
     notifier = Notifier()
     watchdog = asyncio.create_task(notifier.watchdog_loop(), name="watchdog")
     try:
         with app.parse_pool(settings) as pool:
             store = app.open_store(settings)
             try:
-                return await _serve(settings, config_path, notifier, store, pool)
+                return await _serve(settings, config_path, notifier, store, pool, progress)
             finally:
                 store.close()
     finally:
@@ -50,7 +53,7 @@ async def serve(settings: Settings, config_path: str | Path) -> int:
         notifier.close()
 
 
-async def _serve(settings: Settings, config_path: str | Path, notifier: Notifier, store: Any, pool: Any) -> int:
+async def _serve(settings: Settings, config_path: str | Path, notifier: Notifier, store: Any, pool: Any, progress: Any = None) -> int:
     notifier.status("connecting to MongoDB")
     try:
         await store.ping()
@@ -71,10 +74,12 @@ async def _serve(settings: Settings, config_path: str | Path, notifier: Notifier
         poll_interval=daemon.poll_interval,
         policy=app.retry_policy(settings),
         leases=leases,
-        listeners=[metrics, status_line],
+        listeners=[metrics, status_line] + ([progress] if progress is not None else []),
         shutdown_timeout=daemon.shutdown_timeout,
     )
     status_line.runner = runner
+    if progress is not None:
+        progress.runner = runner
     supervisor = Supervisor(config_path, settings, runner, pool)
     supervisor.start()
 
