@@ -149,13 +149,17 @@ class DaemonSettings(_Model):
         default=timedelta(days=3),
         description="Park a source whose credentials have been refused this long: no more logins until its config changes or `commsync source resume`. `0` = never.",
     )
+    verify_every: timedelta = Field(
+        default=timedelta(hours=24),
+        description="Run `commsync verify` on each source this often, after a pass that caught up (`0` = never).",
+    )
     shutdown_timeout: timedelta = Field(
         default=timedelta(seconds=60),
         description="On stop, wait this long for the batches in hand to be stored, then exit anyway (keep it below the unit's `TimeoutStopSec`).",
     )
     http: HttpSettings = Field(default=HttpSettings(), description="The optional HTTP listener for `/healthz` and `/metrics`.")
 
-    _dur = field_validator("poll_interval", "backoff_max", "lease_ttl", "auth_backoff_max", "park_after", "shutdown_timeout", mode="before")(
+    _dur = field_validator("poll_interval", "backoff_max", "lease_ttl", "auth_backoff_max", "park_after", "shutdown_timeout", "verify_every", mode="before")(
         parse_duration
     )
 

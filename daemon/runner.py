@@ -88,7 +88,7 @@ class Runner:
     ``leases`` (a LeaseKeeper) a source is worked only while this instance
     holds its lease. ``listeners`` get optional callbacks: ``batch_stored(source,
     batch, seconds)``, ``pass_succeeded(status)``, ``pass_failed(status)``,
-    ``source_parked(status)``, ``source_removed(name)``. Source status documents
+    ``source_parked(status)``, ``source_verified(name, reports)``, ``source_removed(name)``. Source status documents
     are kept when the sink can (`KeepsStatus`) and ``publish_status`` is on
     (not for a one-off pass by hand).
     """
@@ -107,6 +107,7 @@ class Runner:
         listeners: Sequence[Any] = (),
         shutdown_timeout: timedelta = timedelta(seconds=60),
         publish_status: bool | None = None,
+        after_pass: Any = None,
     ):
         self.sink = sink
         self.once = once
@@ -119,6 +120,8 @@ class Runner:
         self.listeners = list(listeners)
         self.shutdown_timeout = shutdown_timeout.total_seconds()
         self.publish_status = (not once) if publish_status is None else publish_status
+        # Upkeep after a pass that caught up (quarantine retries, scheduled verify): upkeep.PassUpkeep.
+        self.after_pass = after_pass
         self.status: dict[str, SourceStatus] = {}
         self._workers: dict[str, _Worker] = {}
         self._stop = asyncio.Event()
@@ -314,6 +317,8 @@ class Runner:
                 await self._succeeded(worker, stored)
                 if self.once:
                     return
+                if worker.complete and self.after_pass is not None:
+                    await self._upkeep(worker)
                 await self._wait_between_passes(worker)
             if leases is not None and (self._revoked(worker) or not leases.holds(worker.name)) and not worker.stop.is_set():
                 await leases.give_back(worker.name)
@@ -368,6 +373,16 @@ class Runner:
         status.state = "backoff"
         await self._save_status(worker, force=True)
         return wait
+
+    async def _upkeep(self, worker: _Worker) -> None:
+        """The after-pass work, interrupted by a stop or a lost lease like a pass; never fails the source."""
+        try:
+            done, reports = await self._until(worker, self.after_pass(worker.connector))
+        except Exception as exc:
+            log.warning("upkeep_failed", source=worker.name, error=describe(exc))
+            return
+        if done and reports:
+            self._notify("source_verified", worker.name, reports)
 
     # -- parking -------------------------------------------------------------------------
 

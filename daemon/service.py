@@ -27,6 +27,7 @@ from .notify import Notifier
 from .runner import Runner, StoreSink
 from .supervisor import Supervisor
 from .text import describe
+from .upkeep import PassUpkeep
 
 log = structlog.get_logger(__name__)
 
@@ -68,14 +69,16 @@ async def _serve(settings: Settings, config_path: str | Path, notifier: Notifier
     metrics = Metrics()
     status_line = StatusLine(notifier)
     leases = LeaseKeeper(store, owner=daemon.instance, ttl=daemon.lease_ttl, max_sources=daemon.max_sources)
+    sink = StoreSink(store)
     runner = Runner(
         [],
-        StoreSink(store),
+        sink,
         poll_interval=daemon.poll_interval,
         policy=app.retry_policy(settings),
         leases=leases,
         listeners=[metrics, status_line] + ([progress] if progress is not None else []),
         shutdown_timeout=daemon.shutdown_timeout,
+        after_pass=PassUpkeep(store, sink, verify_every=daemon.verify_every),
     )
     status_line.runner = runner
     if progress is not None:

@@ -80,7 +80,7 @@ def render(rows: Sequence[Mapping[str, Any]], instances: Sequence[Mapping[str, A
     for r in rows:
         error = r["last_error"] or "-"
         if r["last_error"] and r["last_error_at"]:
-            error = f"{_ago(r['last_error_at'], now)}: {error}"
+            error = f"{ago(r['last_error_at'], now)}: {error}"
         table.append(
             (
                 r["source"] + ("" if r["in_config"] else " (not in config)"),
@@ -97,7 +97,7 @@ def render(rows: Sequence[Mapping[str, Any]], instances: Sequence[Mapping[str, A
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     alive = [i for i in instances if i["alive"]]
     lines.append("")
-    lines.append(f"instances alive: {len(alive)}" + "".join(f"\n  {i['owner']} (seen {_ago(i['seen_at'], now)})" for i in alive))
+    lines.append(f"instances alive: {len(alive)}" + "".join(f"\n  {i['owner']} (seen {ago(i['seen_at'], now)})" for i in alive))
     return "\n".join(lines)
 
 
@@ -126,10 +126,10 @@ def _aware(value: Any) -> Any:
 def _when(value: datetime | None, now: datetime) -> str:
     if value is None:
         return "never"
-    return f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z ({_ago(value, now)})"
+    return f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z ({ago(value, now)})"
 
 
-def _ago(value: datetime | None, now: datetime) -> str:
+def ago(value: datetime | None, now: datetime) -> str:
     if value is None:
         return "never"
     seconds = max(0, int((now - value).total_seconds()))

@@ -26,7 +26,7 @@ log = structlog.get_logger(__name__)
 # Keys no connector is built from (besides the source lists): changing them restarts no source.
 _NOT_SHARED = {"daemon", "log_level", "mongodb", "customers", "blocklist", "capture_automated", "retention", "rematch"}
 _RESTART_KEYS = ("mongodb", "customers", "default_region", "retention", "rematch")
-_RESTART_ONLY = ("parse_workers", "max_sources", "lease_ttl", "instance", "http", "shutdown_timeout")
+_RESTART_ONLY = ("parse_workers", "max_sources", "lease_ttl", "instance", "http", "shutdown_timeout", "verify_every")
 
 
 class Supervisor:

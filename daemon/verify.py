@@ -251,9 +251,9 @@ async def command(settings: Any, args: Any) -> int:
 
 async def save(store: Any, source: str, reports: Iterable[StreamReport]) -> None:
     """Keep each stream's result in the source's status document (`commsync status`, /metrics)."""
-    fields = {f"verified.{_key(r.stream)}": r.counts() for r in reports if r.stream != "*"}
-    if fields:
-        await store.save_source_status(source, fields)
+    fields: dict[str, Any] = {f"verified.{_key(r.stream)}": r.counts() for r in reports if r.stream != "*"}
+    fields["verified_at"] = now_utc()
+    await store.save_source_status(source, fields)
 
 
 def _key(stream: str) -> str:

@@ -2,71 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 import structlog
 
-from commsync.daemon import app, verify
-from commsync.daemon.cli import main
-from commsync.daemon.store import Store
+from commsync.daemon import verify
 
 from mailgen import message
-
-
-class Shared:
-    """One store for every command of a test (mongomock keeps its data in the client)."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def __getattr__(self, name):
-        return getattr(self.store, name)
-
-    def close(self):
-        pass
-
-
-@pytest.fixture
-def cli(db_config, tmp_path, monkeypatch, capsys):
-    """Run `commsync ...` commands on one config; returns (exit code, stdout) and the store they share."""
-
-    class Cli:
-        config = tmp_path / "commsync.yaml"
-        memory = Store.connect(db_config["uri"], db_config["database"]) if db_config["uri"] == "memory://" else None
-
-        def write(self, **settings):
-            self.config.write_text(json.dumps({"mongodb": db_config, "internal_domains": ["ourco.example"], **settings}))
-
-        def __call__(self, *argv):
-            capsys.readouterr()
-            code = main([*argv, "-c", str(self.config)])
-            return code, capsys.readouterr().out
-
-        def db(self, work):
-            """Run ``work(store)`` (a coroutine function) on a store of its own event loop, as each command has."""
-
-            async def run():
-                store = self.memory or Store.connect(db_config["uri"], db_config["database"])
-                try:
-                    return await work(store)
-                finally:
-                    if self.memory is None:
-                        store.close()
-
-            return asyncio.run(run())
-
-    runner = Cli()
-    if runner.memory is not None:
-
-        def open_store(settings):
-            runner.memory.capture = app.capture_policy(settings)
-            runner.memory.default_region = settings.default_region
-            return Shared(runner.memory)
-
-        monkeypatch.setattr(app, "open_store", open_store)
-    yield runner
 
 
 @pytest.fixture

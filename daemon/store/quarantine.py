@@ -88,9 +88,14 @@ class QuarantineMixin(StoreBase):
         await self.quarantined.bulk_write(ops, ordered=False)
         # The schedule follows the attempt count the server now holds.
         ids = [op._filter["_id"] for op in ops]
-        docs = await self.quarantined.find({"_id": {"$in": ids}}, {"attempts": 1}).to_list(None)
+        docs = await self.quarantined.find({"_id": {"$in": ids}}, {"attempts": 1, "item_id": 1}).to_list(None)
         await self.quarantined.bulk_write(
-            [UpdateOne({"_id": d["_id"]}, {"$set": {"next_attempt_at": _due(now, d.get("attempts", 1))}}) for d in docs], ordered=False
+            [
+                # An item without an id cannot be fetched again: it waits for an admin from the start.
+                UpdateOne({"_id": d["_id"]}, {"$set": {"next_attempt_at": _due(now, d.get("attempts", 1)) if d.get("item_id") is not None else None}})
+                for d in docs
+            ],
+            ordered=False,
         )
         return len(ops)
 
@@ -114,6 +119,10 @@ class QuarantineMixin(StoreBase):
     async def quarantine_drop(self, qid: str) -> bool:
         """Let an entry go for good (`commsync quarantine drop`); False when unknown."""
         return (await self.quarantined.delete_one({"_id": qid})).deleted_count == 1
+
+    async def quarantine_drop_items(self, source: str, stream: str, item_ids: Iterable[Any]) -> int:
+        """Forget entries of items that are no longer on the remote side."""
+        return await self.quarantine_clear(source, stream, item_ids)
 
     async def quarantine_clear(self, source: str, stream: str, item_ids: Iterable[Any]) -> int:
         """Forget entries whose items are stored now."""

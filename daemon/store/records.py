@@ -38,6 +38,8 @@ class BatchResult:
     not_captured: Mapping[str, int] = field(default_factory=dict)
     # Items put into quarantine: unreadable at the source, or refused by the server.
     quarantined: int = 0
+    # Ids of the batch's records the server refused (they are in quarantine).
+    refused: tuple[Any, ...] = ()
 
 
 class RecordsMixin(StoreBase):
@@ -95,13 +97,13 @@ class RecordsMixin(StoreBase):
         if plan.create:
             await self.create_customers(plan.create)
         ops, oversized = self._upserts(plan, now)
-        if oversized:
-            quarantined += await self.quarantine_records(source, stream, oversized, "document too large for MongoDB (16 MiB)")
         inserted, refused = await self._bulk_upsert(ops)
+        refused += oversized
         if refused:
             quarantined += await self.quarantine_records(source, stream, refused)
         await self.refresh_history(plan.touched)
-        return BatchResult(len(ops) - len(refused), inserted, len(plan.touched), plan.dropped, quarantined)
+        refused_ids = tuple(record["_id"] for record, _ in refused)
+        return BatchResult(len(ops) - len(refused) + len(oversized), inserted, len(plan.touched), plan.dropped, quarantined, refused_ids)
 
     def _upserts(self, plan: capture.Plan, now: Any) -> tuple[list[UpdateOne], list[tuple[dict[str, Any], str]]]:
         ops, oversized = [], []

@@ -1,0 +1,65 @@
+"""Retrying what is in quarantine: each due item read again through the normal path.
+
+The store keeps the entries (daemon/store/quarantine.py) and their schedule;
+this module reads the due items again with the connector's `refetch` and
+writes them as any batch is written. An item that reads and stores now
+leaves quarantine; one that fails again stays, one attempt further on (after
+`MAX_ATTEMPTS` it waits for an admin); one the remote side no longer has is
+let go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from commsync.connectors.base import Connector, Refetches
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class RetryReport:
+    stored: list[Any] = field(default_factory=list)
+    failed: list[Any] = field(default_factory=list)
+    gone: list[Any] = field(default_factory=list)
+
+
+async def retry(store: Any, sink: Any, connector: Connector, entries: Sequence[Mapping[str, Any]]) -> RetryReport:
+    """Read ``entries`` (quarantine documents of this connector's source) again and store what reads."""
+    report = RetryReport()
+    if not isinstance(connector, Refetches):
+        return report
+    state = await store.load_state(connector.name)
+    by_stream: dict[str, list[tuple[Any, Mapping[str, Any]]]] = {}
+    for entry in entries:
+        if entry.get("item_id") is not None:
+            by_stream.setdefault(entry["stream"], []).append((entry["item_id"], entry.get("detail") or {}))
+    for stream, items in by_stream.items():
+        seen: set[Any] = set()
+        async for batch in connector.refetch(stream, state.get(stream), items):
+            result = await sink.write(connector.name, batch)
+            refused = set(getattr(result, "refused", ()))
+            # The write re-quarantined what failed again (one attempt further on); the rest is done.
+            stored = [item for record, item in zip(batch.records, batch.item_ids, strict=True) if record["_id"] not in refused]
+            await store.quarantine_clear(connector.name, stream, stored)
+            report.stored += stored
+            report.failed += [m.item_id for m in batch.malformed] + [i for i in batch.item_ids if i not in stored]
+            seen |= set(batch.item_ids) | {m.item_id for m in batch.malformed}
+        gone = [item_id for item_id, _ in items if item_id not in seen]
+        if gone:
+            await store.quarantine_drop_items(connector.name, stream, gone)
+            report.gone += gone
+            log.info("quarantine_items_gone", source=connector.name, stream=stream, items=gone[:20], count=len(gone))
+    if report.stored or report.failed:
+        log.info("quarantine_retried", source=connector.name, stored=len(report.stored), failed=len(report.failed), gone=len(report.gone))
+    return report
+
+
+async def retry_due(store: Any, sink: Any, connector: Connector) -> RetryReport:
+    """Retry this source's entries whose automatic retry is due."""
+    due = await store.quarantine_due(connector.name)
+    return await retry(store, sink, connector, due) if due else RetryReport()
