@@ -31,6 +31,25 @@ class Metrics:
         self.failing = Gauge("commsync_source_consecutive_failures", "Failed passes in a row (0: healthy).", ["source"], registry=r)
         self.backlog = Gauge("commsync_source_backlog", "Items found but not yet stored, when the source knows.", ["source"], registry=r)
         self.sources = Gauge("commsync_sources_owned", "Sources this instance works now (holds the lease of).", registry=r)
+        self.newest = Gauge(
+            "commsync_newest_item_timestamp_seconds", "When the newest item captured from the source happened (Unix time).", ["source"], registry=r
+        )
+        self.parked = Gauge("commsync_source_parked", "1 while the source is parked (credentials refused for days).", ["source"], registry=r)
+        self.refused = Gauge(
+            "commsync_source_credentials_refused", "Logins refused in a row (0: the last attempt was not refused).", ["source"], registry=r
+        )
+        self.problems = Gauge("commsync_source_problems", "Problems the source reports without failing (a missing folder).", ["source"], registry=r)
+        self.unowned = Gauge(
+            "commsync_sources_unowned", "Configured sources no instance has worked for longer than a lease.", registry=r
+        )
+        self.verified = Gauge(
+            "commsync_verified_through_timestamp_seconds", "When verify last compared the stream with the remote side (Unix time).",
+            ["source", "stream"], registry=r,
+        )
+        self.missing = Gauge("commsync_verify_missing_items", "Items the last verify found missing.", ["source", "stream"], registry=r)
+        self.quarantined = Gauge(
+            "commsync_verify_quarantined_items", "Items the last verify found in quarantine.", ["source", "stream"], registry=r
+        )
 
     # -- runner listener callbacks ----------------------------------------------------
 
@@ -50,11 +69,14 @@ class Metrics:
         self.failing.labels(status.name).set(status.failures)
 
     def source_removed(self, name: str) -> None:
-        for gauge in (self.failing, self.backlog, self.last_success):
+        for gauge in (self.failing, self.backlog, self.last_success, self.newest, self.parked, self.refused, self.problems):
             try:
                 gauge.remove(name)
             except KeyError:
                 pass
+        for gauge in (self.verified, self.missing, self.quarantined):
+            for labels in [k for k in gauge._metrics if k[0] == name]:
+                gauge.remove(*labels)
 
     def render(self, runner: Any = None) -> bytes:
         """The exposition text; gauges that mirror the runner's state are read now."""
@@ -62,6 +84,18 @@ class Metrics:
             for name, status in list(runner.status.items()):
                 if status.backlog is not None:
                     self.backlog.labels(name).set(status.backlog)
+                if status.newest_item_at is not None:
+                    self.newest.labels(name).set(status.newest_item_at.timestamp())
+                self.parked.labels(name).set(1 if status.state == "parked" else 0)
+                self.refused.labels(name).set(status.refusals)
+                self.problems.labels(name).set(len(status.problems))
+                for stream, counts in status.verified.items():
+                    if counts.get("at") is not None:
+                        self.verified.labels(name, stream).set(counts["at"].timestamp())
+                    self.missing.labels(name, stream).set(counts.get("missing") or 0)
+                    self.quarantined.labels(name, stream).set(counts.get("quarantined") or 0)
             held = getattr(runner.leases, "held", None)
             self.sources.set(len(held) if held is not None else len(runner.status))
+            unowned = getattr(runner.leases, "unowned_for", None)
+            self.unowned.set(len(unowned()) if unowned is not None else 0)
         return generate_latest(self.registry)

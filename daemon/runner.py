@@ -24,7 +24,7 @@ from commsync.connectors.base import Batch, Connector, ReportsProblems, WaitsFor
 
 from . import retry
 from .sinks import DryRunSink, KeepsStatus, Sink, StoreSink
-from .text import describe
+from .text import describe, field_name
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +59,8 @@ class SourceStatus:
     parked_at: datetime | None = None
     # What the connector reports as wrong without failing (a missing folder, a restored mailbox).
     problems: dict[str, str] = field(default_factory=dict)
+    # The last verify of each stream: its counts and time (daemon/verify.py StreamReport.counts).
+    verified: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -382,6 +384,9 @@ class Runner:
             log.warning("upkeep_failed", source=worker.name, error=describe(exc))
             return
         if done and reports:
+            status = self.status.get(worker.name)
+            if status is not None:
+                status.verified.update({r.stream: r.counts() for r in reports if r.stream != "*"})
             self._notify("source_verified", worker.name, reports)
 
     # -- parking -------------------------------------------------------------------------
@@ -429,6 +434,8 @@ class Runner:
         status = self.status[worker.name]
         status.newest_item_at = _later(status.newest_item_at, _aware(doc.get("newest_item_at")))
         status.last_success = status.last_success or _aware(doc.get("last_success"))
+        for key, counts in (doc.get("verified") or {}).items():
+            status.verified.setdefault(field_name(key), {**counts, "at": _aware(counts.get("at"))})
         fingerprint = _fingerprint(worker.connector)
         if doc.get("fingerprint") != fingerprint:
             return  # the source's config changed: whatever it refused before is worth a new try

@@ -144,11 +144,17 @@ class StatusLine:
         statuses = list(self.runner.status.values()) if self.runner is not None else []
         held = getattr(getattr(self.runner, "leases", None), "held", None)
         here = f" ({len(held)} here)" if held is not None and len(held) != len(statuses) else ""
-        failing = [s for s in statuses if s.failures]
+        parked = [s for s in statuses if s.state == "parked"]
+        refused = [s for s in statuses if s.refusals and s.state != "parked"]
+        failing = [s for s in statuses if s.failures and not s.refusals and s.state != "parked"]
         parts = [f"{len(statuses)} sources{here}", f"last batch {self.last_batch or 'none yet'}"]
+        if parked:
+            parts.append("PARKED: " + ", ".join(f"{s.name} ({s.parked_reason})" for s in parked[:3]))
+        if refused:
+            parts.append("credentials refused: " + ", ".join(s.name for s in refused[:3]))
         if failing:
             parts.append("failing: " + ", ".join(f"{s.name} ({(s.last_error or '').split(':')[0]})" for s in failing[:3]))
-        else:
+        if not (parked or refused or failing):
             parts.append("no errors")
         return "; ".join(parts)
 
@@ -169,6 +175,9 @@ class StatusLine:
         self._update()
 
     def pass_failed(self, status: Any) -> None:
+        self._update(force=True)
+
+    def source_parked(self, status: Any) -> None:
         self._update(force=True)
 
     def source_removed(self, name: str) -> None:

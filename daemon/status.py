@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from commsync.config import Settings
 from commsync.connectors import registry
 
 from . import app
-from .text import cut, describe, json_default
+from .text import cut, describe, field_name, json_default
 
-COLUMNS = ("SOURCE", "KIND", "OWNER", "STATE", "LAST SUCCESS", "FAILS", "BACKLOG", "LAST ERROR")
+COLUMNS = ("SOURCE", "KIND", "OWNER", "STATE", "LAST SUCCESS", "NEWEST", "VERIFIED", "FAILS", "BACKLOG", "LAST ERROR")
 
 
 async def show_status(settings: Settings, args: Any) -> int:
@@ -28,7 +28,7 @@ async def show_status(settings: Settings, args: Any) -> int:
     finally:
         store.close()
     now = datetime.now(UTC)
-    rows = status_rows(settings.sources(), statuses, leases, now)
+    rows = status_rows(settings.sources(), statuses, leases, now, lease_ttl=settings.daemon.lease_ttl)
     if getattr(args, "json", False):
         print(json.dumps({"sources": rows, "instances": _instances(instances, now)}, default=json_default, indent=2))
     else:
@@ -37,11 +37,17 @@ async def show_status(settings: Settings, args: Any) -> int:
 
 
 def status_rows(
-    configured: Sequence[Any], statuses: Sequence[Mapping[str, Any]], leases: Sequence[Mapping[str, Any]], now: datetime
+    configured: Sequence[Any],
+    statuses: Sequence[Mapping[str, Any]],
+    leases: Sequence[Mapping[str, Any]],
+    now: datetime,
+    *,
+    lease_ttl: timedelta = timedelta(seconds=60),
 ) -> list[dict[str, Any]]:
     """One row per source: the configured ones in file order, then any others MongoDB remembers."""
     by_name = {s["_id"]: s for s in statuses}
     live = {lease["_id"]: lease for lease in leases if _aware(lease.get("expires_at")) and _aware(lease["expires_at"]) > now}
+    expired = {lease["_id"]: _aware(lease.get("expires_at")) for lease in leases if lease["_id"] not in live}
     names = [c.name for c in configured]
     in_config = set(names)
     names += sorted(n for n in by_name if n not in in_config)
@@ -49,10 +55,14 @@ def status_rows(
     for name in names:
         doc = by_name.get(name, {})
         lease = live.get(name)
+        unowned_since = None
         if lease is not None:
             state = doc.get("state") or "starting"
+        elif doc.get("state") == "parked":
+            state = "parked"
         elif doc:
             state = "no owner"
+            unowned_since = expired.get(name) or _aware(doc.get("updated_at"))
         else:
             state = "never run"
         rows.append(
@@ -69,6 +79,15 @@ def status_rows(
                 "backlog": doc.get("backlog"),
                 "last_error": doc.get("last_error"),
                 "last_error_at": _aware(doc.get("last_error_at")),
+                "newest_item_at": _aware(doc.get("newest_item_at")),
+                "verified_at": _aware(doc.get("verified_at")),
+                "verified": {field_name(k): v for k, v in (doc.get("verified") or {}).items()},
+                "problems": dict(doc.get("problems") or {}),
+                "parked_reason": doc.get("parked_reason") if state == "parked" else None,
+                "refused_since": _aware(doc.get("refused_since")),
+                "unowned_since": unowned_since,
+                # A configured source nobody has worked for longer than a lease: a gap in capture, not a pause.
+                "unowned_too_long": bool(name in in_config and unowned_since and now - unowned_since > lease_ttl),
             }
         )
     return rows
@@ -88,13 +107,19 @@ def render(rows: Sequence[Mapping[str, Any]], instances: Sequence[Mapping[str, A
                 r["owner"] or "-",
                 r["state"],
                 _when(r["last_success"], now),
+                ago(r["newest_item_at"], now).removesuffix(" ago") if r["newest_item_at"] else "-",
+                _verified(r, now),
                 str(r["consecutive_failures"] or 0),
                 "?" if r["backlog"] is None else str(r["backlog"]),
                 cut(error, 70),
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    lines = []
+    for n, row in enumerate(table):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        if n:
+            lines += [f"    ! {note}" for note in notes(rows[n - 1], now)]
     alive = [i for i in instances if i["alive"]]
     lines.append("")
     lines.append(f"instances alive: {len(alive)}" + "".join(f"\n  {i['owner']} (seen {ago(i['seen_at'], now)})" for i in alive))
@@ -137,3 +162,30 @@ def ago(value: datetime | None, now: datetime) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
     return f"{seconds}s ago"
+
+
+def notes(row: Mapping[str, Any], now: datetime) -> list[str]:
+    """What a human must see about a source besides its table row: parking, gaps, problems, incomplete verifies."""
+    out = []
+    if row.get("parked_reason"):
+        out.append(f"parked: {row['parked_reason']}; fix the credentials and reload, or `commsync source resume {row['source']}`")
+    elif row.get("refused_since"):
+        out.append(f"credentials refused since {_when(row['refused_since'], now)}")
+    if row.get("unowned_too_long"):
+        out.append(f"no instance has worked it for {ago(row['unowned_since'], now).removesuffix(' ago')}: is a daemon with it in its config running?")
+    out += [cut(text, 160) for _, text in sorted(row.get("problems", {}).items())]
+    for stream, v in sorted(row.get("verified", {}).items()):
+        if v.get("error"):
+            out.append(f"verify {stream}: {cut(v['error'], 120)}")
+        elif v.get("missing") or v.get("quarantined"):
+            out.append(f"verify {stream}: {v.get('missing', 0)} missing, {v.get('quarantined', 0)} quarantined (`commsync verify --source {row['source']}`)")
+    return out
+
+
+def _verified(row: Mapping[str, Any], now: datetime) -> str:
+    if not row.get("verified_at"):
+        return "-"
+    bad = sum((v.get("missing") or 0) + (v.get("quarantined") or 0) for v in row.get("verified", {}).values())
+    errors = any(v.get("error") for v in row.get("verified", {}).values())
+    verdict = "ok" if not bad and not errors else f"{bad} open" if bad else "error"
+    return f"{verdict} {ago(row['verified_at'], now)}"

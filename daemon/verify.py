@@ -36,7 +36,7 @@ from commsync.connectors.base import Connector, Inventories, Refetches, RemoteIt
 from . import app
 from .sinks import StoreSink
 from .store import now_utc
-from .text import describe, json_default
+from .text import describe, field_key, json_default
 
 log = structlog.get_logger(__name__)
 
@@ -251,16 +251,6 @@ async def command(settings: Any, args: Any) -> int:
 
 async def save(store: Any, source: str, reports: Iterable[StreamReport]) -> None:
     """Keep each stream's result in the source's status document (`commsync status`, /metrics)."""
-    fields: dict[str, Any] = {f"verified.{_key(r.stream)}": r.counts() for r in reports if r.stream != "*"}
+    fields: dict[str, Any] = {f"verified.{field_key(r.stream)}": r.counts() for r in reports if r.stream != "*"}
     fields["verified_at"] = now_utc()
     await store.save_source_status(source, fields)
-
-
-def _key(stream: str) -> str:
-    # Folder names may hold dots and dollars, which MongoDB field paths cannot.
-    return stream.replace("%", "%25").replace(".", "%2E").replace("$", "%24")
-
-
-def stream_name(key: str) -> str:
-    """The stream a `verified` key stands for."""
-    return key.replace("%24", "$").replace("%2E", ".").replace("%25", "%")

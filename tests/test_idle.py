@@ -95,7 +95,7 @@ async def test_without_notify_the_other_folders_are_checked_cheaply(dovecot, ima
         client.has_capability = lambda name: name not in hidden and real_has(name)
         client.folder_status = lambda *a, **k: commands.append("STATUS") or real_status(*a, **k)
         waiting = asyncio.create_task(connector.wait_for_change(30))
-        await asyncio.sleep(0.2)
+        await eventually(lambda: connector._in_command, what="inside IDLE")
         dovecot.append(imap_user.name, "Archive", message(3))
         assert await asyncio.wait_for(waiting, 10) is True
         assert connector._wake == ["Archive"]
@@ -157,7 +157,7 @@ async def test_stop_interrupts_idle_promptly(dovecot, imap_user, memory_store):
     )
     task = asyncio.create_task(runner.run())
     await eventually(lambda: runner.status["m"].state == "waiting")
-    await asyncio.sleep(0.2)  # inside IDLE now
+    await eventually(lambda: runner.connector("m")._in_command, what="inside IDLE")
     runner.stop()
     # One IDLE slice (1 s) at most, not the ten-minute poll interval.
     assert await asyncio.wait_for(task, 10) is True

@@ -10,6 +10,7 @@ from commsync.daemon import app
 from commsync.daemon.cli import main
 from commsync.daemon.runner import Runner, StoreSink
 
+from eventually import eventually
 from mailgen import message
 
 
@@ -53,8 +54,9 @@ async def test_a_missing_folder_is_reported_and_skipped_while_the_others_capture
             pass
         assert connector.idle_folder == "INBOX"
         waiting = asyncio.create_task(connector.wait_for_change(30))
-        await asyncio.sleep(0.3)
-        assert not waiting.done()  # IDLE really waits: no busy loop over the missing folder
+        await eventually(lambda: connector._in_command, what="inside IDLE")
+        await asyncio.sleep(0.3)  # deliberately: a busy loop over the missing folder would end the wait by now
+        assert not waiting.done()
         dovecot.append(imap_user.name, "INBOX", message(2))
         assert await asyncio.wait_for(waiting, 10) is True
         # Created later, it is read and the problem clears.

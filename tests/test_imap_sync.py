@@ -13,6 +13,7 @@ from commsync.daemon import app
 from commsync.daemon.cli import main
 from commsync.daemon.runner import Runner
 
+from eventually import eventually
 from mailgen import message
 from sinks import CountingSink, CrashingSink
 
@@ -339,7 +340,7 @@ async def test_closing_does_not_wait_for_a_server_that_stopped_answering(dovecot
         proxy.stall()
         batches = connector.batches({})
         stuck = asyncio.ensure_future(anext(batches))
-        await asyncio.sleep(0.3)  # the NOOP that checks the connection is now waiting for an answer
+        await eventually(lambda: connector._in_command, what="the NOOP that checks the connection waits for an answer")
         assert not stuck.done()
         started = time.monotonic()
         stuck.cancel()  # as the runner does on a stop; the generator's cleanup drops the connection

@@ -77,7 +77,7 @@ def test_rows_join_config_status_and_leases():
     ]
     text = status.render(rows, [{"owner": "host-a/41", "alive": True, "seen_at": NOW - timedelta(seconds=5)}], NOW)
     lines = text.splitlines()
-    assert lines[0].split() == ["SOURCE", "KIND", "OWNER", "STATE", "LAST", "SUCCESS", "FAILS", "BACKLOG", "LAST", "ERROR"]
+    assert lines[0].split() == ["SOURCE", "KIND", "OWNER", "STATE", "LAST", "SUCCESS", "NEWEST", "VERIFIED", "FAILS", "BACKLOG", "LAST", "ERROR"]
     assert lines[1].split()[:7] == ["sales", "imap", "host-a/41", "waiting", "2025-03-01", "11:59:20Z", "(40s"]
     assert "support" in lines[2] and " 4 " in lines[2] and "120" in lines[2] and "2m ago: ConnectionRefusedError" in lines[2]
     assert lines[3].split()[:5] == ["new", "imap", "-", "never", "run"]
@@ -116,12 +116,37 @@ async def test_status_command_reads_what_the_runner_keeps(memory_store, monkeypa
         await asyncio.wait_for(task, 10)
 
 
+def test_notes_say_what_needs_a_human():
+    statuses = [
+        {"_id": "sales", "kind": "imap", "state": "parked", "parked_reason": "credentials refused since 2025-02-26 09:00Z"},
+        {
+            "_id": "support",
+            "kind": "imap",
+            "state": "waiting",
+            "problems": {"folder:Gone": "folder 'Gone' does not exist on the server; the others are captured"},
+            "newest_item_at": NOW - timedelta(minutes=3),
+            "verified_at": NOW - timedelta(hours=2),
+            "verified": {"INBOX": {"missing": 2, "quarantined": 1}, "Sent%2EOld": {"missing": 0, "quarantined": 0}},
+        },
+        {"_id": "billing", "kind": "twilio", "state": "waiting", "updated_at": NOW - timedelta(minutes=9)},
+    ]
+    leases = [{"_id": "support", "owner": "host-a/41", "expires_at": NOW + timedelta(seconds=30)}]
+    rows = status.status_rows(config("sales", "support", "billing").sources(), statuses, leases, NOW, lease_ttl=timedelta(seconds=60))
+    assert [r["state"] for r in rows] == ["parked", "waiting", "no owner"]
+    assert rows[1]["verified"]["Sent.Old"] == {"missing": 0, "quarantined": 0}
+    text = status.render(rows, [], NOW)
+    assert "! parked: credentials refused since 2025-02-26 09:00Z; fix the credentials and reload, or `commsync source resume sales`" in text
+    assert "! folder 'Gone' does not exist on the server" in text
+    assert "! verify INBOX: 2 missing, 1 quarantined" in text and "3 open 2h ago" in text and " 3m " in text
+    assert "! no instance has worked it for 9m" in text
+
+
 def test_status_cli_on_a_fresh_database(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps({"mongodb": {"uri": "memory://"}, "mailboxes": [{"name": "sales", "host": "h", "username": "u", "password": "p"}]}))
     assert main(["status", "-c", str(path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1].split() == ["sales", "imap", "-", "never", "run", "never", "0", "?", "-"]
+    assert out[1].split() == ["sales", "imap", "-", "never", "run", "never", "-", "-", "0", "?", "-"]
     assert out[-1] == "instances alive: 0"
 
 
