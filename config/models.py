@@ -21,20 +21,31 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from commsync.connectors.phones import region_is_known, to_e164
 
 from .auth import MailboxAuth
-from .secrets import check_secret, read_secret
+from .secrets import SecretError, check_secret, read_secret
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*")
+_CLOCK = re.compile(r"^\s*(\d+):([0-5]\d)(?::([0-5]\d(?:\.\d+)?))?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
 
 def parse_duration(value: Any) -> Any:
-    """Accept `90`, `90s`, `15m`, `2h`, `1d` as well as pydantic's own forms."""
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
-    return value
+    """Accept `90`, `90s`, `15m`, `2h`, `1d`, `1h30m`, `01:30:00` and ISO 8601 (`PT15M`); refuse the rest, saying how."""
+    if not isinstance(value, str) or value.strip().upper().startswith("P"):
+        return value
+    clock = _CLOCK.match(value)
+    if clock:
+        return timedelta(hours=int(clock.group(1)), minutes=int(clock.group(2)), seconds=float(clock.group(3) or 0))
+    total, pos, text = 0.0, 0, value.strip()
+    while pos < len(text):
+        part = _DURATION_PART.match(text, pos)
+        if part is None or part.end() == pos or (part.group(2) is None and (pos or part.end() < len(text))):
+            raise ValueError(f"{value!r} is not a duration: write it as 90s, 15m, 2h, 1d, 1h30m or 01:30:00")
+        total += float(part.group(1)) * _UNITS[part.group(2)]
+        pos = part.end()
+    if not text:
+        raise ValueError("an empty duration: write it as 90s, 15m, 2h, 1d, 1h30m or 01:30:00")
+    return timedelta(seconds=total)
 
 
 class _Model(BaseModel):
@@ -195,7 +206,11 @@ def _require_one_secret(model: BaseModel, key: str, *, prefix: str = "", alterna
             f"{prefix or 'set '}exactly one of {key}, {key}_file, {key}_env{alternative}"
             + (f" (got {', '.join(given)})" if given else "")
         )
-    check_secret(getattr(model, key), getattr(model, f"{key}_file"), getattr(model, f"{key}_env"))
+    try:
+        check_secret(getattr(model, key), getattr(model, f"{key}_file"), getattr(model, f"{key}_env"))
+    except SecretError as exc:
+        # Name the key: "cannot read /etc/..." alone does not say which of a mailbox's secrets it was.
+        raise ValueError(f"{given[0]}: {exc}") from None
 
 
 class MailboxConfig(_Model):

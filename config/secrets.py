@@ -39,25 +39,33 @@ def credential_path(path: Path) -> Path:
 
 def read_secret(inline: SecretStr | None, file: Path | None, env: str | None) -> str:
     """Return the secret value from whichever of the three ways is set."""
+    # An empty secret (a file truncated by mistake, a variable set to nothing) would be
+    # sent as an empty password at every login: refused here, saying where it came from.
     if inline is not None:
-        return inline.get_secret_value()
+        return _not_empty(inline.get_secret_value(), "the value")
     if file is not None:
         path = credential_path(file)
         try:
             # One trailing newline is an artefact of `echo > file`, not the secret.
-            return path.read_text(encoding="utf-8").rstrip("\r\n")
+            return _not_empty(path.read_text(encoding="utf-8").rstrip("\r\n"), str(path))
         except OSError as exc:
             raise SecretError(f"cannot read {path}: {exc.strerror or exc}") from None
     if env is not None:
         value = os.environ.get(env)
         if value is None:
             raise SecretError(f"environment variable {env} is not set")
-        return value
+        return _not_empty(value, f"environment variable {env}")
     raise SecretError("no secret configured")
 
 
+def _not_empty(value: str, where: str) -> str:
+    if not value.strip():
+        raise SecretError(f"{where} is empty")
+    return value
+
+
 def check_secret(inline: SecretStr | None, file: Path | None, env: str | None) -> None:
-    """Fail now, at load time, if the secret could not be read later."""
+    """Fail now, at load time, if the secret could not be read later, or is empty."""
     read_secret(inline, file, env)
 
 

@@ -103,8 +103,11 @@ def test_password_from_env_and_credentials_directory(tmp_path, monkeypatch):
         ("mailboxes: [{name: a, host: h, username: u}]", "mailboxes[0](a): set exactly one of password"),
         ("mailboxes: [{name: a, host: h, username: u, password: p, security: ssl}]", "mailboxes[0](a).security: Input should be"),
         ("mailboxes: [{name: a, host: h, username: u, password: p, port: 99999}]", "mailboxes[0](a).port:"),
-        ("mailboxes: [{name: a, host: h, username: u, password_file: /nonexistent/pw}]", "cannot read /nonexistent/pw"),
-        ("mailboxes: [{name: a, host: h, username: u, password_env: NOPE_NOT_SET_XYZ}]", "NOPE_NOT_SET_XYZ is not set"),
+        ("mailboxes: [{name: a, host: h, username: u, password_file: /nonexistent/pw}]", "mailboxes[0](a): password_file: cannot read /nonexistent/pw"),
+        ("mailboxes: [{name: a, host: h, username: u, password_env: NOPE_NOT_SET_XYZ}]", "password_env: environment variable NOPE_NOT_SET_XYZ is not set"),
+        ("mailboxes: [{name: a, host: h, username: u, password: ''}]", "mailboxes[0](a): password: the value is empty"),
+        ("daemon: {poll_interval: five minutes}", "daemon.poll_interval: 'five minutes' is not a duration: write it as 90s, 15m, 2h"),
+        ("daemon: {lease_ttl: 10 parsecs}", "daemon.lease_ttl: '10 parsecs' is not a duration"),
         (
             "mailboxes: [{name: a, host: h, username: u, password: p}, {name: a, host: h, username: u, password: p}]",
             "source name 'a' is used twice",
@@ -193,3 +196,26 @@ def test_cleartext_is_allowed_on_loopback_or_when_asked_for(tmp_path):
         )
     )
     assert [m.name for m in s.mailboxes] == ["a", "b"]
+
+
+def test_an_empty_password_file_is_refused_at_load_and_at_login(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("\n")  # `echo > pw`: a newline and nothing else
+    with pytest.raises(ConfigError, match=r"password_file: .*pw is empty"):
+        load_settings(write(tmp_path, f"mailboxes: [{{name: a, host: h, username: u, password_file: {secret}}}]"))
+    secret.write_text("s3cret\n")
+    s = load_settings(write(tmp_path, f"mailboxes: [{{name: a, host: h, username: u, password_file: {secret}}}]"))
+    assert s.mailboxes[0].read_password() == "s3cret"
+    secret.write_text("")  # emptied while the daemon runs: the next login must not send an empty password
+    with pytest.raises(ValueError, match="is empty"):
+        s.mailboxes[0].read_password()
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400), ("1h30m", 5400), ("1.5h", 5400), ("01:30:00", 5400), ("2 h", 7200), ("PT15M", 900)],
+)
+def test_durations_in_the_forms_people_write(text, seconds):
+    from commsync.config import settings_from_dict
+
+    assert settings_from_dict({"daemon": {"poll_interval": text}}).daemon.poll_interval.total_seconds() == seconds
