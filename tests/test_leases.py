@@ -6,6 +6,8 @@ import asyncio
 import time
 from datetime import timedelta
 
+from structlog.testing import capture_logs
+
 from commsync.connectors.base import Batch
 from commsync.daemon.leases import LeaseKeeper
 from commsync.daemon.runner import Runner, StoreSink
@@ -195,3 +197,58 @@ async def test_source_status_documents_are_kept(store):
 
 async def _two_docs(store):
     return await store.db["source_status"].count_documents({"last_success": {"$exists": True}}) == 2
+
+
+async def test_instances_with_different_source_lists_leave_no_source_unworked(store):
+    """a serves s0..s2, b serves s2..s4: shares are counted over the instances that can work each source."""
+    tracker = Tracker()
+    ka = LeaseKeeper(store, owner="a", ttl=TTL)
+    kb = LeaseKeeper(store, owner="b", ttl=TTL)
+    ra = Runner([Endless(f"s{i}", "a", tracker) for i in (0, 1, 2)], StoreSink(store), poll_interval=FAST, leases=ka)
+    rb = Runner([Endless(f"s{i}", "b", tracker) for i in (2, 3, 4)], StoreSink(store), poll_interval=FAST, leases=kb)
+    ta, tb = asyncio.create_task(ra.run()), asyncio.create_task(rb.run())
+    try:
+        await eventually(lambda: set(ka.held) | set(kb.held) == {f"s{i}" for i in range(5)}, what="every source owned")
+        assert {"s0", "s1"} <= set(ka.held) and {"s3", "s4"} <= set(kb.held)  # the only instance for them takes them
+        assert ka.unowned_for() == {} and kb.unowned_for() == {}
+    finally:
+        await stop_all((ra, ta), (rb, tb))
+    assert tracker.overlaps == []
+
+
+async def test_a_source_nobody_works_is_reported_after_a_lease_time(store):
+    """Another instance holds the lease but stopped renewing it long ago, and nobody took it over (max_sources)."""
+    keeper = LeaseKeeper(store, owner="a", ttl=TTL, max_sources=1)
+    runner = Runner([Endless(f"s{i}", "a", Tracker()) for i in range(2)], StoreSink(store), poll_interval=FAST, leases=keeper)
+    with capture_logs() as logs:
+        task = asyncio.create_task(runner.run())
+        try:
+            await eventually(lambda: len(keeper.held) == 1)
+            (idle,) = {"s0", "s1"} - set(keeper.held)
+            await eventually(
+                lambda: any(e["event"] == "source_unowned" and e["source"] == idle for e in logs), timeout=10, what="reported after a lease time"
+            )
+            assert idle in keeper.unowned_for()
+        finally:
+            await stop_all((runner, task))
+
+
+async def test_a_restart_on_the_same_host_takes_its_dead_predecessors_leases_at_once(store):
+    """A watchdog kill leaves leases for lease_ttl; the next process on the host sees its predecessor is gone."""
+    import socket
+
+    dead = f"{socket.gethostname()}/{2**22 + 12345}"  # beyond pid_max: no such process
+    ttl = timedelta(seconds=60)
+    for i in range(2):
+        assert await store.acquire_lease(f"s{i}", dead, ttl)
+    keeper = LeaseKeeper(store, ttl=ttl)
+    runner = Runner([Endless(f"s{i}", keeper.owner, Tracker()) for i in range(2)], StoreSink(store), poll_interval=FAST, leases=keeper)
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: len(keeper.held) == 2, timeout=5, what="taken over long before the 60 s lease expired")
+    finally:
+        await stop_all((runner, task))
+    # Another live owner on this host (this very process) is never a predecessor.
+    assert await store.acquire_lease("x", keeper.owner, ttl)
+    other = LeaseKeeper(store, owner=f"{socket.gethostname()}/99999999", ttl=ttl)
+    assert not other._free({"owner": keeper.owner, "live": True})
