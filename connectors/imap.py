@@ -38,8 +38,8 @@ from commsync.config.models import MailboxConfig
 from . import imap_extensions
 from .base import Batch, CredentialsRefused, MalformedItem, RemoteItem, SourceError, TemporarilyUnavailable, describe
 from .mail import normalize_message_id
+from .mailpool import MailParser, RawMail, mail_options
 from .oauth import imap_refusal, token_provider
-from .parsing import MailParser, RawMail, mail_options
 
 log = structlog.get_logger(__name__)
 

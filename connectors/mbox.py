@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 
 from .base import Batch
-from .parsing import MailParser, RawMail
+from .mailpool import MailParser, RawMail
 
 log = structlog.get_logger(__name__)
 

@@ -10,7 +10,7 @@ from datetime import timedelta
 from commsync.config.models import Settings
 from commsync.connectors import registry
 from commsync.connectors.base import Connector
-from commsync.connectors.parsing import MailParser, ParsePool, mail_options
+from commsync.connectors.mailpool import MailParser, ParsePool, mail_options
 
 from . import retry
 from .policy import from_settings as capture_policy

@@ -17,7 +17,7 @@ import structlog
 
 from commsync.config import ConfigError, Settings, load_settings
 from commsync.connectors import registry
-from commsync.connectors.parsing import ParsePool
+from commsync.connectors.mailpool import ParsePool
 
 from . import app, logs
 

@@ -6,21 +6,21 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 
-from commsync.connectors import parsing
+from commsync.connectors import mailpool
 
 
 def _install(marker: bytes) -> None:
-    real = parsing.normalize_email
+    real = mailpool.normalize_email
 
     def dying(raw, **kwargs):
         if marker in raw:
             os._exit(137)
         return real(raw, **kwargs)
 
-    parsing.normalize_email = dying
+    mailpool.normalize_email = dying
 
 
-class PoisonedPool(parsing.ParsePool):
+class PoisonedPool(mailpool.ParsePool):
     """A ParsePool whose workers die on any message containing ``marker``."""
 
     def __init__(self, workers: int, marker: bytes):

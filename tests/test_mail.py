@@ -510,7 +510,7 @@ def test_text_attachment_is_not_the_body() -> None:
 
 # --------------------------------------------------------------------------- MIME structure
 # The parser splits bodies on boundary lines without reading them line by line
-# (mail._FastParser); these pin what it must get out of awkward structures. The
+# (mime.FastParser); these pin what it must get out of awkward structures. The
 # defects are the names the stdlib's compat32 parser gives the same structure.
 
 PDF_B64 = base64.encodebytes(bytes(range(256)) * 40).decode()  # 10240 bytes

@@ -1,4 +1,4 @@
-"""mail._FastParser must build the Message tree BytesParser(policy=compat32) builds.
+"""mime.FastParser must build the Message tree BytesParser(policy=compat32) builds.
 
 The fast parser is a port of the stdlib feedparser that slices bodies instead
 of reading them line by line; normalize_email relies on it giving exactly the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from commsync.connectors import mail
+from commsync.connectors import mime
 
 STDLIB = BytesParser(policy=policy.compat32)
 
@@ -50,8 +50,8 @@ def tree(msg: Message) -> list:
 def fast_tree(raw: bytes) -> list | None:
     """The fast parser's tree, or None when it hands the message to the stdlib."""
     try:
-        return tree(mail._FastParser(raw.decode("ascii", "surrogateescape")).parse())
-    except mail._Fallback:
+        return tree(mime.FastParser(raw.decode("ascii", "surrogateescape")).parse())
+    except mime.Fallback:
         return None
 
 

@@ -6,8 +6,8 @@ import io
 import json
 import mailbox
 
+from commsync.connectors.mailpool import MailOptions, MailParser
 from commsync.connectors.mbox import MboxConnector
-from commsync.connectors.parsing import MailOptions, MailParser
 from commsync.daemon.cli import main
 from commsync.daemon.demo import demo_files, run_demo
 from commsync.daemon.runner import Runner, StoreSink

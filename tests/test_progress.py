@@ -17,8 +17,8 @@ from structlog.testing import capture_logs
 
 from commsync.config import settings_from_dict
 from commsync.connectors.base import Batch
+from commsync.connectors.mailpool import MailOptions, MailParser
 from commsync.connectors.mbox import MboxConnector
-from commsync.connectors.parsing import MailOptions, MailParser
 from commsync.daemon import app, cli, logs, progress
 from commsync.daemon.progress import Progress
 from commsync.daemon.runner import Runner, StoreSink
