@@ -1,0 +1,84 @@
+"""Defects found with real-world mail (issue 13): each test shows one, with corpus mail where the corpus has it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from commsync.connectors.mail import normalize_email
+
+
+def _corpus_dir() -> Path:
+    configured = os.environ.get("COMMSYNC_CORPUS_DIR")
+    if configured:
+        return Path(configured)
+    return Path(__file__).resolve().parents[2] / "shared" / "corpus" / "email"
+
+
+def corpus(name: str) -> bytes:
+    path = _corpus_dir() / name
+    if not path.is_file():
+        pytest.skip(f"{name} not in the email corpus (set COMMSYNC_CORPUS_DIR)")
+    return path.read_bytes()
+
+
+HEAD = b"Message-ID: <rw1@x.example>\r\nDate: Tue, 04 Mar 2025 10:00:00 +0000\r\nSubject: Quote\r\n"
+
+
+def message(headers: bytes, body: bytes = b"Hello.\r\n") -> bytes:
+    return HEAD + headers + b"\r\n" + body
+
+
+def people(record: dict) -> list[tuple[str, str, str | None]]:
+    return [(p["role"], p["address"], p["name"]) for p in record["participants"]]
+
+
+# --------------------------------------------------------------------------- 2. address-like display names
+
+
+def test_an_address_like_display_name_is_a_name_not_a_participant() -> None:
+    raw = message(b"From: alice@example.com <bob@example.com>\r\nCc: eve@x <frank@y>, ann@example.org\r\n")
+    assert people(normalize_email(raw)) == [
+        ("from", "bob@example.com", "alice@example.com"),
+        ("cc", "frank@y", "eve@x"),
+        ("cc", "ann@example.org", None),
+    ]
+
+
+def test_corpus_display_name_with_an_at_sign() -> None:
+    record = normalize_email(corpus("mikel-mail__plain_emails__raw_email_with_at_display_name.eml"))
+    assert [p for p in people(record) if p[0] == "to"] == [
+        ("to", "smith@gmail.com", None),
+        ("to", "raasdnil@gmail.com", "Mikel@Lindsaar"),
+        ("to", "tom@gmail.com", None),
+    ]
+
+
+def test_quoted_names_comments_and_groups_still_parse() -> None:
+    raw = message(
+        b'From: "Lopez, Maria" <maria@example.com>\r\n'
+        b"To: Team: a@example.com, B <b@example.com>;, c@example.com (Carl)\r\n"
+        b"Cc: undisclosed-recipients:;\r\n"
+        b'Bcc: "Bob <bob@evil.example>" <bob@example.com>\r\n'
+    )
+    assert people(normalize_email(raw)) == [
+        ("from", "maria@example.com", "Lopez, Maria"),
+        ("to", "a@example.com", None),
+        ("to", "b@example.com", "B"),
+        ("to", "c@example.com", "Carl"),
+        ("bcc", "bob@example.com", "Bob <bob@evil.example>"),
+    ]
+
+
+# --------------------------------------------------------------------------- 3. a name, then a bare address
+
+
+def test_a_bare_address_after_a_name() -> None:
+    record = normalize_email(message(b"From: Big Bug bb@bug.com\r\nTo: Ann Lee ann@example.org, sales@ourco.example\r\n"))
+    assert people(record) == [
+        ("from", "bb@bug.com", "Big Bug"),
+        ("to", "ann@example.org", "Ann Lee"),
+        ("to", "sales@ourco.example", None),
+    ]
