@@ -20,8 +20,15 @@ _PARSER = BytesParser(policy=policy.compat32)
 _LINEBREAK = re.compile(r"\r\n?|\n")
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def parse(raw: bytes) -> Message:
     """The compat32 Message tree of ``raw``; raises only if the stdlib parser does too."""
+    if raw.startswith(_BOM):
+        # Windows tools write .eml files with a UTF-8 byte-order mark; it is not part of
+        # the message, and in front of the first header it would make every header body text.
+        raw = raw[len(_BOM) :]
     try:
         return FastParser(raw.decode("ascii", "surrogateescape")).parse()
     except Exception:

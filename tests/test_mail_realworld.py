@@ -82,3 +82,18 @@ def test_a_bare_address_after_a_name() -> None:
         ("to", "ann@example.org", "Ann Lee"),
         ("to", "sales@ourco.example", None),
     ]
+
+
+# --------------------------------------------------------------------------- 4. byte-order mark
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+def test_a_leading_byte_order_mark_keeps_the_headers(eol: bytes) -> None:
+    raw = b"\xef\xbb\xbf" + message(b"From: Ann <ann@example.org>\r\n", b"Body.\r\n").replace(b"\r\n", eol)
+    record = normalize_email(raw)
+    assert record["message_id"] == "rw1@x.example"
+    assert record["subject"] == "Quote"
+    assert people(record) == [("from", "ann@example.org", "Ann")]
+    assert record["occurred_at"].year == 2025 and "date:missing" not in record["parse_defects"]
+    assert record["content"] == "Body."
+    assert record["size"] == len(raw)
