@@ -158,21 +158,29 @@ def _first_charset(leaves: list[_Leaf]) -> str | None:
 def _choose_body(
     leaves: list[_Leaf], defects: Defects, max_chars: int
 ) -> tuple[_Leaf | None, str, bool]:
-    """Pick the body: first non-blank inline text/plain, else first inline text/html.
+    """Pick the body: the first non-blank inline text/plain, else the first non-blank inline text/html.
 
     Returns (chosen leaf, text, whether the source was cut before converting).
+    Blank parts come first in real mail (an empty plain part before the real
+    one, a blank HTML copy), so they are passed over, not chosen.
     """
     inline = [leaf for leaf in leaves if leaf.disposition != "attachment"]
-    plain = next((leaf for leaf in inline if leaf.ctype == "text/plain"), None)
-    if plain is not None:
-        text = _part_text(plain, defects)
+    plains = [leaf for leaf in inline if leaf.ctype == "text/plain"]
+    for leaf in plains:
+        text = _part_text(leaf, defects)
         if text and not text.isspace():
-            return plain, text, False
-    html_leaf = next((leaf for leaf in inline if leaf.ctype == "text/html"), None)
-    if html_leaf is not None:
-        text, cut = _html_to_text(_part_text(html_leaf, defects), max_chars, defects)
-        return html_leaf, text, cut
-    return plain, "", False
+            return leaf, text, False
+    blank_html: tuple[_Leaf, str, bool] | None = None
+    for leaf in inline:
+        if leaf.ctype != "text/html":
+            continue
+        text, cut = _html_to_text(_part_text(leaf, defects), max_chars, defects)
+        if text and not text.isspace():
+            return leaf, text, cut
+        blank_html = blank_html or (leaf, text, cut)
+    if blank_html is not None:
+        return blank_html
+    return (plains[0] if plains else None), "", False
 
 
 def _part_text(leaf: _Leaf, defects: Defects) -> str:

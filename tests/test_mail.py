@@ -619,13 +619,14 @@ def test_outer_boundary_ends_an_unclosed_inner_multipart() -> None:
 
 
 def test_inner_multipart_reusing_the_outer_boundary() -> None:
-    # The outer multipart claims every "--b" line, so the inner one is empty.
+    # The outer multipart claims every "--b" line, so the inner one is empty (a blank
+    # text part) and the text part after it belongs to the outer one: that is the body.
     raw = mime(
         "multipart/mixed; boundary=b",
         "--b\nContent-Type: multipart/alternative; boundary=b\n\n--b\nContent-Type: text/plain\n\ninner\n--b--\n--b--\n",
     )
     record = normalize_email(raw)
-    assert (record["content"], record["attachments"]) == ("", [])
+    assert (record["content"], record["attachments"]) == ("inner", [])
     assert record["parse_defects"] == ["StartBoundaryNotFoundDefect"]
 
 

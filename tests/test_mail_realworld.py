@@ -97,3 +97,27 @@ def test_a_leading_byte_order_mark_keeps_the_headers(eol: bytes) -> None:
     assert record["occurred_at"].year == 2025 and "date:missing" not in record["parse_defects"]
     assert record["content"] == "Body."
     assert record["size"] == len(raw)
+
+
+# --------------------------------------------------------------------------- 5. blank first text part
+
+
+def test_a_blank_first_text_part_does_not_hide_the_body() -> None:
+    body = (
+        b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n \r\n\r\n"
+        b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nThe real text.\r\n"
+        b"--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>HTML copy</p>\r\n--b--\r\n"
+    )
+    record = normalize_email(message(b'Content-Type: multipart/mixed; boundary="b"\r\n', body))
+    assert record["content"] == "The real text."
+    assert record["attachments"] == []
+
+
+def test_blank_text_parts_then_html() -> None:
+    body = (
+        b"--b\r\nContent-Type: text/plain\r\n\r\n\r\n"
+        b"--b\r\nContent-Type: text/html\r\n\r\n<p> </p>\r\n"
+        b"--b\r\nContent-Type: text/html\r\n\r\n<p>Second HTML part</p>\r\n--b--\r\n"
+    )
+    record = normalize_email(message(b'Content-Type: multipart/mixed; boundary="b"\r\n', body))
+    assert record["content"] == "Second HTML part"
