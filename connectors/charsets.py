@@ -89,6 +89,21 @@ def decode_bytes(data: bytes, charset: str | None, defects: Defects) -> str:
         return data.decode("latin-1")
 
 
+def decode_utf8_mostly(data: bytes) -> str | None:
+    """UTF-8 with a few broken sequences (a cut multi-byte character): the valid text, U+FFFD for the broken bytes.
+
+    None unless the valid multi-byte characters outnumber the broken bytes
+    four to one: legacy 8-bit text (Latin-1, KOI8-R, Big5 ...) has few or no
+    valid UTF-8 sequences, so it is left to the legacy decoders.
+    """
+    text = data.decode("utf-8", "replace")
+    bad = text.count("\ufffd")
+    if not bad:
+        return text
+    good = sum(1 for ch in text if ch > "\x7f") - bad
+    return text if good >= 4 * bad else None
+
+
 def _decode_mostly(data: bytes, name: str) -> str | None:
     """Decode with replacement characters unless more than ~1% of it is bad."""
     try:

@@ -7,7 +7,7 @@ import re
 from collections.abc import Collection
 from email.message import Message
 
-from .charsets import decode_bytes
+from .charsets import decode_bytes, decode_utf8_mostly
 from .defects import Defects
 
 _ENCODED_WORD = re.compile(r"=\?([^?\s]*)\?([qQbB])\?(.*?)\?=")
@@ -45,12 +45,20 @@ def unfold(value: str, hint: str | None) -> str:
 def decode_8bit_header(value: str, hint: str | None) -> str:
     """Decode raw 8-bit header bytes (surrogate-escaped by the parser).
 
-    UTF-8 first (RFC 6532 and most modern senders), then the charset the body
-    declares (old clients wrote headers in it), then Windows-1252, and Latin-1
-    as the last resort because it cannot fail.
+    UTF-8 first (RFC 6532 and most modern senders), also when one sequence in
+    it is broken (a name cut short by a client): only those bytes are lost.
+    Then the charset the body declares (old clients wrote headers in it), then
+    Windows-1252, and Latin-1 as the last resort because it cannot fail.
     """
     data = value.encode("utf-8", "surrogateescape")
-    for codec in ("utf-8", hint, "cp1252"):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    text = decode_utf8_mostly(data)
+    if text is not None:
+        return text
+    for codec in (hint, "cp1252"):
         if codec:
             try:
                 return data.decode(codec)

@@ -121,3 +121,33 @@ def test_blank_text_parts_then_html() -> None:
     )
     record = normalize_email(message(b'Content-Type: multipart/mixed; boundary="b"\r\n', body))
     assert record["content"] == "Second HTML part"
+
+
+# --------------------------------------------------------------------------- 6. one bad byte in an 8-bit header
+
+
+def test_one_truncated_utf8_sequence_garbles_only_itself() -> None:
+    name = "Иван Петров".encode()
+    filename = "Счёт на оплату.pdf".encode()
+    broken_name = name[:-1]  # "в" cut in half, then the closing quote
+    raw = message(
+        b'From: "' + broken_name + b'" <ivan@example.ru>\r\nContent-Type: multipart/mixed; boundary="b"\r\n',
+        b"--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+        b'--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename="'
+        + filename[:5]
+        + filename[6:]  # the second byte of "ё" is missing
+        + b'"\r\n\r\n%PDF\r\n--b--\r\n',
+    )
+    record = normalize_email(raw)
+    assert record["participants"][0]["name"] == "Иван Петро\ufffd"
+    assert record["attachments"][0]["filename"] == "Сч\ufffdт на оплату.pdf"
+
+
+def test_corpus_display_name_with_a_broken_utf8_byte() -> None:
+    record = normalize_email(corpus("flanker__messages__mailformed-headers.eml"))
+    assert people(record)[0] == ("from", "headers@gmail.com", "Юникод запрещен\ufffd")
+
+
+def test_latin1_headers_are_still_latin1() -> None:
+    raw = message(b"From: J\xf6rg M\xfcller <j@example.de>\r\n")
+    assert normalize_email(raw)["participants"][0]["name"] == "Jörg Müller"
