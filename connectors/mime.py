@@ -3,7 +3,8 @@
 ``FastParser`` builds exactly the tree ``BytesParser(policy=compat32)`` builds
 (tests/test_mail_equivalence.py pins that) without feeding bodies through the
 feedparser line by line: bodies are sliced at their boundary lines. Attachment
-payloads are never decoded here.
+payloads are never decoded here. Both read boundaries through ``MimeMessage``,
+which unfolds a folded boundary parameter.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from email.message import Message
 from email.parser import BytesParser
 from typing import Any
 
-__all__ = ["Fallback", "FastParser", "parse"]
+__all__ = ["Fallback", "FastParser", "MimeMessage", "parse"]
 
-_PARSER = BytesParser(policy=policy.compat32)
 _LINEBREAK = re.compile(r"\r\n?|\n")
-
-
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -37,7 +35,26 @@ def parse(raw: bytes) -> Message:
     return _PARSER.parsebytes(raw)
 
 
-class _Part(Message):
+class MimeMessage(Message):
+    """The compat32 Message, with a boundary parameter folded across lines unfolded.
+
+    ``boundary="foo<CRLF> bar"`` is the boundary "foo bar" (RFC 5322
+    unfolding: the line break goes, the whitespace stays). The stdlib keeps the
+    line break in it, so no boundary line ever matched and the multipart was
+    never split. Both parsers here build their trees from this class.
+    """
+
+    def get_boundary(self, failobj: Any = None) -> Any:
+        boundary = Message.get_boundary(self, failobj)
+        if isinstance(boundary, str) and ("\r" in boundary or "\n" in boundary):
+            boundary = _LINEBREAK.sub("", boundary)
+        return boundary
+
+
+_PARSER = BytesParser(_class=MimeMessage, policy=policy.compat32)
+
+
+class _Part(MimeMessage):
     """A compat32 Message that reads its headers and parameters only once.
 
     The record needs each part's content type, disposition, transfer encoding,

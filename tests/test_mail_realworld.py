@@ -151,3 +151,19 @@ def test_corpus_display_name_with_a_broken_utf8_byte() -> None:
 def test_latin1_headers_are_still_latin1() -> None:
     raw = message(b"From: J\xf6rg M\xfcller <j@example.de>\r\n")
     assert normalize_email(raw)["participants"][0]["name"] == "Jörg Müller"
+
+
+# --------------------------------------------------------------------------- 7. folded boundary
+
+
+def test_a_folded_boundary_parameter_is_unfolded() -> None:
+    raw = message(
+        b'Content-Type: multipart/mixed; boundary="foo\r\n bar"\r\n',
+        b"--foo bar\r\nContent-Type: text/plain\r\n\r\nThe text.\r\n"
+        b"--foo bar\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\nFrom: i@x.example\r\n\r\ninner body\r\n"
+        b"--foo bar--\r\n",
+    )
+    record = normalize_email(raw)
+    assert record["content"] == "The text."
+    assert [a["content_type"] for a in record["attachments"]] == ["message/rfc822"]
+    assert record["parse_defects"] == []
