@@ -195,7 +195,8 @@ def _part_text(leaf: _Leaf, defects: Defects) -> str:
     if charset is None and leaf.ctype == "text/html":
         charset = _sniff_html_charset(data)
     try:
-        return decode_bytes(data, charset, defects)
+        # Only a candidate for the body gets here, so detecting an undeclared charset is worth it.
+        return decode_bytes(data, charset, defects, detect=True)
     except Exception:
         defects.add("content:decode-failed")
         return ""

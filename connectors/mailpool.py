@@ -24,7 +24,7 @@ from .mail import normalize_email
 log = structlog.get_logger(__name__)
 
 # Imported once in the forkserver, so each worker starts warm while the mailbox logs in.
-PRELOAD = ["commsync.connectors.mailpool", "inscriptis"]
+PRELOAD = ["commsync.connectors.mailpool", "inscriptis", "charset_normalizer"]
 
 
 @dataclass(frozen=True, slots=True)

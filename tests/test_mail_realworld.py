@@ -167,3 +167,66 @@ def test_a_folded_boundary_parameter_is_unfolded() -> None:
     assert record["content"] == "The text."
     assert [a["content_type"] for a in record["attachments"]] == ["message/rfc822"]
     assert record["parse_defects"] == []
+
+
+# --------------------------------------------------------------------------- 8. undeclared legacy charsets
+
+BIG5_TEXT = (
+    "王先生您好：\n\n附件是您上週詢問的產品報價單，請查收。如果您對價格或交貨時間有任何問題，歡迎隨時與我們聯絡。\n"
+    "我們會盡快回覆您。\n\n祝 商祺\n客戶服務部 陳小姐"
+)
+JAPANESE_TEXT = (
+    "山田様\n\nいつもお世話になっております。株式会社サンプルの佐藤です。\n"
+    "先日ご依頼いただきました見積書を添付いたしますので、ご確認ください。\nよろしくお願いいたします。"
+)
+RUSSIAN_TEXT = "Здравствуйте, Иван Петрович!\nВо вложении счёт на оплату за март. Просим оплатить до пятницы.\nС уважением, отдел продаж."
+
+
+@pytest.mark.parametrize(
+    ("text", "codec"),
+    [(BIG5_TEXT, "big5"), (JAPANESE_TEXT, "shift_jis"), (JAPANESE_TEXT, "euc_jp"), (RUSSIAN_TEXT, "koi8-r"), (RUSSIAN_TEXT, "cp1251")],
+    ids=["big5", "shift_jis", "euc_jp", "koi8-r", "cp1251"],
+)
+def test_an_undeclared_legacy_charset_is_detected(text: str, codec: str) -> None:
+    record = normalize_email(message(b"Content-Type: text/plain\r\n", text.replace("\n", "\r\n").encode(codec)))
+    assert record["content"] == text
+
+
+def test_undeclared_html_in_big5() -> None:
+    html = f"<html><body><p>{BIG5_TEXT}</p></body></html>".encode("big5")
+    record = normalize_email(message(b"Content-Type: text/html\r\n", html))
+    assert "附件是您上週詢問的產品報價單" in record["content"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hola, gracias por su pedido. Saludos desde España, señor.",
+        "Sehr geehrte Frau Müller,\nanbei erhalten Sie die Rechnung für März. Mit freundlichen Grüßen, Ihr Team aus Köln",
+        "Bonjour Madame Lefèvre,\nci-joint la facture de mars. Cordialement — à bientôt, très chère cliente, déjà noté.",
+        "Widget\u2122 price",
+    ],
+    ids=["es", "de", "fr", "tm"],
+)
+def test_undeclared_western_text_stays_windows_1252(text: str) -> None:
+    record = normalize_email(message(b"", text.replace("\n", "\r\n").encode("cp1252")))
+    assert record["content"] == text
+
+
+def test_corpus_undeclared_windows_1252_body() -> None:
+    record = normalize_email(corpus("thunderbird__data__noCharsetWindows1252.eml"))
+    assert "espa\u00f1ol" in record["content"]
+
+
+def test_only_a_sample_is_detected_on() -> None:
+    # A megabyte of Big5 with a Windows-1252 tail: the sample decides, the whole text is decoded with it.
+    body = BIG5_TEXT.replace("\n", "\r\n").encode("big5") * 3000 + "\r\nEnvoyé".encode("cp1252")
+    content = normalize_email(message(b"", body), max_content_chars=500)["content"]
+    assert content.startswith(BIG5_TEXT[:40])
+
+
+def test_undeclared_utf8_with_one_bad_byte_stays_utf8() -> None:
+    text = "Grüße aus München, schöne Grüße"
+    data = text.encode()
+    record = normalize_email(message(b"", data[:3] + data[4:] + b"\r\n"))  # half of "ü" lost
+    assert record["content"] == "Gr\ufffdße aus München, schöne Grüße"
