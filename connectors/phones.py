@@ -4,7 +4,8 @@ Twilio reports numbers in E.164 (``+14155550100``), sometimes behind a channel
 prefix (``whatsapp:+14155550100``). Customers' numbers are typed by people:
 ``(415) 555-0100``, ``+1 415-555-0100``, ``001 415 555 0100``. A number written
 without a country code is read in ``default_region`` (an ISO 3166 code such as
-``US``); with no region such a number cannot be read at all.
+``US``); with no region such a number cannot be read at all. CRMs fed by
+vCard also hold RFC 3966 URIs: ``tel:+1-415-555-0100``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from phonenumbers import NumberParseException, PhoneNumber, PhoneNumberFormat
 # Channel prefixes Twilio and CRMs put in front of a number.
 _SCHEME = re.compile(r"^\s*(whatsapp|tel|sms|mms|rcs|messenger|fax)\s*:\s*", re.IGNORECASE)
 _E164 = re.compile(r"^\+[1-9]\d{5,14}$")
+_GLOBAL_CONTEXT = re.compile(r";phone-context=\+", re.IGNORECASE)
 # International call prefixes people write instead of "+": 00 (most of the world), 011 (NANP).
 _IDD = ("00", "011")
 # phonenumbers refuses longer input anyway; this caps work on garbage.
@@ -59,6 +61,10 @@ def to_e164(raw: object, region: str | None = None) -> str | None:
     if not text or len(text) > _MAX_CHARS or not any(c.isdigit() for c in text):
         return None
     if text.startswith("+"):
+        return _format_if(_parse(text, None), possible=True)
+    if _GLOBAL_CONTEXT.search(text):
+        # RFC 3966 local number whose context is a country code ("tel:212-555-0187;phone-context=+1"):
+        # the context says what the default region would.
         return _format_if(_parse(text, None), possible=True)
     digits = re.sub(r"\D", "", text)
     local = _parse(text, region) if region else None
@@ -116,6 +122,8 @@ def _variants(e164: str, region: str | None) -> tuple[str, ...]:
     local = region and region_is_known(region) and phonenumbers.country_code_for_region(region) == number.country_code
     if local and reads_back("".join(ngroups)):
         out |= _bodies(ngroups) | {national}
+    # RFC 3966 URIs (vCard 4, CRM imports): "tel:+1-212-555-0187", a global number with visual separators and no spaces.
+    out |= {f"tel:{v}" for v in out if v.startswith("+") and " " not in v}
     return tuple(sorted(out))
 
 

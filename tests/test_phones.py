@@ -26,6 +26,9 @@ UK = "+442079460018"
         ("011 1 415 555 0100", "US", US),
         ("whatsapp:+14155550100", None, US),
         ("tel:+1-415-555-0100", None, US),
+        ("tel:+1-415-555-0100;ext=12", None, US),  # RFC 3966 parameters are not part of the number
+        ("tel:415-555-0100;phone-context=+1", None, US),  # a local number whose context is a country code
+        ("TEL:+44-20-7946-0018", "US", UK),
         (4155550100, "US", US),  # stored as a number by a spreadsheet import
         ("+44 (0)20 7946 0018", None, UK),
         ("020 7946 0018", "GB", UK),
@@ -159,3 +162,22 @@ async def test_the_store_matches_phones_and_emails_with_one_customer_query(store
     hist = await store.history.find_one({"_id": "both"})
     assert hist["channels"]["call"]["count"] == 101 and hist["channels"]["email"]["count"] == 101
     assert hist["channels"]["call"]["talk_seconds"] == 101 * 60
+
+
+@pytest.mark.parametrize("region", ["US", None])
+def test_variants_cover_rfc3966_tel_uris(region):
+    # vCard 4 and CRM imports store numbers as RFC 3966 URIs: visual separators, no spaces.
+    found = set(variants("+12125550187", region))
+    for written in ["tel:+1-212-555-0187", "tel:+1.212.555.0187", "tel:+12125550187", "tel:+1-(212)555-0187"]:
+        assert written in found, written
+    assert "tel:+44-20-7946-0018" in variants(UK, region)
+
+
+async def test_a_customer_stored_as_a_tel_uri_is_matched(store):
+    store.default_region = "US"
+    await store.customers.insert_many(
+        [{"_id": "vcard", "phones": ["tel:+1-212-555-0187"]}, {"_id": "uk", "phones": ["tel:+44-20-7946-0018"]}]
+    )
+    await store.write_batch([_call("CA-tel", "+12125550187"), _call("CA-uk", UK)])
+    assert (await store.records.find_one({"_id": "CA-tel"}))["customer_ids"] == ["vcard"]
+    assert (await store.records.find_one({"_id": "CA-uk"}))["customer_ids"] == ["uk"]
