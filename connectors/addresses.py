@@ -19,8 +19,18 @@ ADDRESS_ROLES = {
     "cc": "cc",
     "bcc": "bcc",
 }
+# Caps (see connectors/mail.py): a record must fit in a MongoDB document whatever the headers say.
+MAX_PARTICIPANTS = 1000
+MAX_NAME_CHARS = 256
+MAX_ADDRESS_CHARS = 254  # the longest forward-path SMTP allows (RFC 5321 4.5.3.1.3), brackets excluded
+_MAX_ENTRIES_READ = 10 * MAX_PARTICIPANTS
+# The stdlib address parser is slow pure Python: a longer entry is no real mailbox, read it cheaply.
+_MAX_ENTRY_CHARS = 4096
+
 _NOT_IN_ADDRESS = re.compile(r"[\s<>()\[\],;:\"]")
-_BARE_ADDRESS = re.compile(r"[^\s<>()\[\],;:\"']+@[^\s<>()\[\],;:\"']+")
+# Runs of characters an unquoted addr-spec may hold; the ones with an inner "@" are addresses.
+# (Searching for "run@run" directly backtracks quadratically on a long run without "@".)
+_ADDRESS_RUN = re.compile(r"[^\s<>()\[\],;:\"']+")
 
 
 def participants(
@@ -29,26 +39,56 @@ def participants(
     own: frozenset[str],
     domains: frozenset[str],
     defects: Defects,
-) -> list[dict[str, Any]]:
-    """Address-header entries in header order, deduplicated by (role, address)."""
+) -> tuple[list[dict[str, Any]], bool]:
+    """Address-header entries in header order, deduplicated by (role, address); and whether any was cut.
+
+    At most MAX_PARTICIPANTS entries, names of at most MAX_NAME_CHARS;
+    addresses longer than an SMTP path can be (MAX_ADDRESS_CHARS) are dropped.
+    Reading stops after 10 * MAX_PARTICIPANTS entries (duplicates included).
+    """
     result: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
+    cut = False
+    read = 0
     for name, role in _address_headers_in_order(headers):
         for value in headers[name]:
             for display, addr in _parse_addresses(unfold(value, hint), defects):
+                read += 1
+                if read > _MAX_ENTRIES_READ:
+                    return result, True
                 address = _clean_address(addr)
                 if address is None or (role, address) in seen:
                     continue
+                if len(address) > MAX_ADDRESS_CHARS:
+                    cut = True
+                    continue
+                if len(result) >= MAX_PARTICIPANTS:
+                    return result, True
                 seen.add((role, address))
+                text, name_cut = _name(display, defects)
+                cut = cut or name_cut
                 result.append(
                     {
                         "role": role,
                         "address": address,
-                        "name": header_text(display, defects) if display else None,
+                        "name": text,
                         "internal": _is_internal(address, own, domains),
                     }
                 )
-    return result
+    return result, cut
+
+
+def _name(display: str, defects: Defects) -> tuple[str | None, bool]:
+    """The decoded display name, at most MAX_NAME_CHARS; and whether it was cut."""
+    if not display:
+        return None, False
+    # Decoding never makes text longer than its source (encoded words shrink), so
+    # a generous cut of the source first keeps a megabyte "name" cheap.
+    limit = 8 * MAX_NAME_CHARS
+    text = header_text(display[:limit], defects)
+    if text is not None and len(text) > MAX_NAME_CHARS:
+        return text[:MAX_NAME_CHARS], True
+    return text, len(display) > limit
 
 
 def _address_headers_in_order(headers: Headers) -> list[tuple[str, str]]:
@@ -82,18 +122,20 @@ def _entries(value: str) -> Iterator[tuple[str, list[tuple[int, int]]]]:
     pieces: list[str] = []
     angles: list[tuple[int, int]] = []
     length = 0
+    has_at = False
     for match in _TOKEN.finditer(value):
         token = match.group()
-        if token == ":" and not any("@" in piece for piece in pieces):
+        if token == ":" and not has_at:
             pieces, angles, length = [], [], 0
             continue
         if token in (",", ";"):
             if "".join(pieces).strip():
                 yield "".join(pieces), angles
-            pieces, angles, length = [], [], 0
+            pieces, angles, length, has_at = [], [], 0, False
             continue
         if token[0] == "<":
             angles.append((length, length + len(token)))
+        has_at = has_at or "@" in token
         pieces.append(token)
         length += len(token)
     if "".join(pieces).strip():
@@ -101,6 +143,8 @@ def _entries(value: str) -> Iterator[tuple[str, list[tuple[int, int]]]]:
 
 
 def _entry_pairs(entry: str, angles: list[tuple[int, int]], defects: Defects) -> list[tuple[str, str]]:
+    if len(entry) > _MAX_ENTRY_CHARS:
+        return _long_entry_pairs(entry, angles, defects)
     if len(angles) == 1:
         start, end = angles[0]
         # After the last colon: an obsolete source route (<@relay.example:user@host>) is not the address.
@@ -122,7 +166,7 @@ def _entry_pairs(entry: str, angles: list[tuple[int, int]], defects: Defects) ->
     lenient = _getaddresses(entry, strict=False)
     if _plausible(lenient):
         return lenient
-    found = _BARE_ADDRESS.findall(entry)
+    found = _bare_addresses(entry)
     if len(found) == 1 and not angles:
         # "Big Bug bb@bug.com": a name, then the address without its angle brackets.
         return [(_display_name(entry.replace(found[0], " ", 1)), found[0])]
@@ -131,6 +175,20 @@ def _entry_pairs(entry: str, angles: list[tuple[int, int]], defects: Defects) ->
         # addresses; scanning for addr-specs loses only the display names.
         defects.add("address:malformed")
     return [("", addr) for addr in found]
+
+
+def _long_entry_pairs(entry: str, angles: list[tuple[int, int]], defects: Defects) -> list[tuple[str, str]]:
+    """An entry too long to be a mailbox (a megabyte name or address): its angle address, else its addr-specs."""
+    defects.add("address:too-long")
+    if len(angles) == 1:
+        start, end = angles[0]
+        return [(_display_name(entry[:start]), entry[start + 1 : end].removesuffix(">"))]
+    return [("", addr) for addr in _bare_addresses(entry)]
+
+
+def _bare_addresses(text: str) -> list[str]:
+    """Every addr-spec written without angle brackets (an "@" with something on both sides)."""
+    return [run for run in _ADDRESS_RUN.findall(text) if "@" in run[1:-1]]
 
 
 def _display_name(text: str) -> str:

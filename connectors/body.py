@@ -16,6 +16,9 @@ from .defects import Defects
 from .headers import collapse, decode_8bit_header, header_text, unfold
 
 _HASH_CONTENT_CHARS = 4096
+# Caps (see connectors/mail.py): a record must fit in a MongoDB document whatever the MIME structure.
+MAX_ATTACHMENTS = 500
+MAX_ATTACHMENT_TEXT_CHARS = 255  # a filename (most file systems' limit) or a content type (RFC 6838: 127 + "/" + 127)
 
 _LINEBREAK = re.compile(r"\r\n?|\n")
 _BLANK_LINES = re.compile(r"\n(?:[ \t]*\n){3,}")
@@ -28,13 +31,14 @@ _HTML_TAG = re.compile(r"<[^>]*>")
 class Body:
     """Readable text and attachment metadata of a parsed message."""
 
-    __slots__ = ("attachments", "charset_hint", "hash_text", "text", "truncated", "visited")
+    __slots__ = ("attachments", "attachments_truncated", "charset_hint", "hash_text", "text", "truncated", "visited")
 
     def __init__(self, msg: Message | None, defects: Defects, max_chars: int) -> None:
         self.text = ""
         self.hash_text = ""
         self.truncated = False
         self.attachments: list[dict[str, Any]] = []
+        self.attachments_truncated = False
         self.charset_hint: str | None = None
         self.visited: list[Message] = []
         if msg is not None:
@@ -59,7 +63,7 @@ class Body:
         self.hash_text = collapse(normalized[: _HASH_CONTENT_CHARS * 4])[:_HASH_CONTENT_CHARS]
         self.truncated = cut or len(normalized) > max_chars
         self.text = normalized[:max_chars]
-        self.attachments = _attachments(leaves, chosen, defects)
+        self.attachments, self.attachments_truncated = _attachments(leaves, chosen, defects)
 
 
 class _Leaf:
@@ -246,21 +250,33 @@ def _normalize_text(text: str) -> str:
     return text.lstrip("\ufeff").strip()
 
 
-def _attachments(leaves: list[_Leaf], chosen: _Leaf | None, defects: Defects) -> list[dict]:
-    """Metadata of parts a mail client would show as attachments."""
+def _attachments(leaves: list[_Leaf], chosen: _Leaf | None, defects: Defects) -> tuple[list[dict], bool]:
+    """Metadata of parts a mail client would show as attachments; and whether any was cut.
+
+    At most MAX_ATTACHMENTS entries, filenames and content types of at most
+    MAX_ATTACHMENT_TEXT_CHARS.
+    """
     result = []
+    cut = False
     for leaf in leaves:
         if leaf is chosen:
             continue
         if leaf.disposition == "attachment" or leaf.filename or not leaf.ctype.startswith("text/"):
+            if len(result) >= MAX_ATTACHMENTS:
+                return result, True
+            filename, ctype = leaf.filename, leaf.ctype
+            if filename is not None and len(filename) > MAX_ATTACHMENT_TEXT_CHARS:
+                filename, cut = filename[:MAX_ATTACHMENT_TEXT_CHARS], True
+            if len(ctype) > MAX_ATTACHMENT_TEXT_CHARS:
+                ctype, cut = ctype[:MAX_ATTACHMENT_TEXT_CHARS], True
             result.append(
                 {
-                    "filename": leaf.filename,
-                    "content_type": leaf.ctype,
+                    "filename": filename,
+                    "content_type": ctype,
                     "size": _estimated_size(leaf.part, defects),
                 }
             )
-    return result
+    return result, cut
 
 
 def _estimated_size(part: Message, defects: Defects) -> int:

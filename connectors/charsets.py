@@ -47,6 +47,7 @@ _DETECTABLE = (
 # Enough text to recognise a charset; detecting on megabytes would cost a decode of each per candidate.
 _DETECT_SAMPLE_BYTES = 32 * 1024
 _DETECT_MIN_8BIT = 8
+_ASCII_BYTES = bytes(range(0x80))
 _DETECT_MESS_SLACK = 0.05
 
 
@@ -127,7 +128,7 @@ def _detect(data: bytes) -> str | None:
         # End the sample at a line break: never inside a multi-byte character.
         cut = sample.rfind(b"\n")
         sample = sample[:cut] if cut > 0 else sample
-    if sum(1 for byte in sample if byte > 0x7F) < _DETECT_MIN_8BIT:
+    if len(sample.translate(None, _ASCII_BYTES)) < _DETECT_MIN_8BIT:
         return None
     try:
         from charset_normalizer import from_bytes  # deferred: only undeclared 8-bit bodies need it
@@ -157,7 +158,7 @@ def decode_utf8_mostly(data: bytes) -> str | None:
     bad = text.count("\ufffd")
     if not bad:
         return text
-    good = sum(1 for ch in text if ch > "\x7f") - bad
+    good = len(text) - len(text.encode("ascii", "ignore")) - bad
     return text if good >= 4 * bad else None
 
 

@@ -153,6 +153,16 @@ def header_text(value: str | None, defects: Defects) -> str | None:
     return text or None
 
 
-def subject_text(headers: Headers, hint: str | None, defects: Defects) -> str | None:
-    return header_text(first(headers, "subject", hint), defects)
+def subject_text(headers: Headers, hint: str | None, defects: Defects, max_chars: int) -> tuple[str | None, bool]:
+    """The decoded Subject, at most ``max_chars``; and whether it was cut."""
+    values = headers.get("subject")
+    if not values:
+        return None, False
+    # Decoding never makes text longer than its source, so a generous cut of the
+    # source first keeps an 18 MB Subject cheap.
+    limit = 8 * max_chars
+    text = header_text(unfold(values[0][:limit], hint), defects)
+    if text is not None and len(text) > max_chars:
+        return text[:max_chars], True
+    return text, len(values[0]) > limit
 

@@ -12,6 +12,32 @@ modules: ``mime`` (the Message tree, bodies sliced rather than read line by
 line), ``headers`` (header text), ``addresses`` (participants), ``body``
 (content and attachments) and ``charsets`` (decoding); this module puts the
 record together and owns dates and ids.
+
+Size caps. A record must fit in one MongoDB document (16 MiB) whatever the
+message says, so every field that grows with the input is capped, and a
+boolean next to it says it was cut:
+
+================  ===============================================  ==========================
+field             cap                                              flag
+================  ===============================================  ==========================
+content           ``max_content_chars``, never above 1,000,000     ``content_truncated``
+subject           2,000 characters                                 ``subject_truncated``
+participants      1,000 entries; names cut at 256 characters;      ``participants_truncated``
+                  addresses over 254 characters dropped; reading
+                  stops after 10,000 entries
+references        100 ids: the first (the thread root) and the     ``references_truncated``
+                  latest 99; longer ids (> 998) are dropped as junk
+attachments       500 entries; filename and content type cut at    ``attachments_truncated``
+                  255 characters
+================  ===============================================  ==========================
+
+``message_id``, ``in_reply_to``, ``thread_id`` and ``_id`` are single ids of at
+most 998 characters (longer ones are not ids), ``parse_defects`` holds at most
+20 short strings and ``automated_by`` at most 4. Worst case, with every
+character four bytes of UTF-8: content 4.0 MB + participants 2.1 MB +
+attachments 1.0 MB + references 0.4 MB + the rest under 0.1 MB, about 7.2 MiB
+(tests/test_mail_caps.py builds it), which leaves more than half of the limit
+for the fields the store adds.
 """
 
 from __future__ import annotations
@@ -33,6 +59,10 @@ from .headers import Headers, all_values, collapse, first, subject_text, wanted_
 __all__ = ["extract_ids", "normalize_email", "normalize_message_id"]
 
 _MAX_ID_CHARS = 998  # longer "ids" are junk and would bloat the _id index
+# Size caps: see the module docstring.
+_MAX_CONTENT_CHARS = 1_000_000
+_MAX_SUBJECT_CHARS = 2_000
+_MAX_REFERENCES = 100
 _MIN_DATE = datetime(1980, 1, 1, tzinfo=UTC)
 _MAX_CLOCK_SKEW = timedelta(days=2)
 
@@ -83,12 +113,12 @@ def extract_ids(value: str | None) -> list[str]:
     tokens = _ANGLE_ID.findall(value)
     if not tokens:
         tokens = [t for t in re.split(r"[\s,]+", value) if "@" in t]
-    result: list[str] = []
+    result: dict[str, None] = {}  # ordered set: a list's `in` made 100,000 ids take minutes
     for token in tokens:
         mid = normalize_message_id(token)
-        if mid and mid not in result:
-            result.append(mid)
-    return result
+        if mid:
+            result[mid] = None
+    return list(result)
 
 
 def normalize_email(
@@ -146,8 +176,8 @@ def _normalize(
     headers = wanted_headers(msg, _WANTED_HEADERS, defects) if msg is not None else {}
     hint = body.charset_hint
 
-    participants = addresses.participants(headers, hint, own, domains, defects)
-    subject = subject_text(headers, hint, defects)
+    participants, participants_cut = addresses.participants(headers, hint, own, domains, defects)
+    subject, subject_cut = subject_text(headers, hint, defects, _MAX_SUBJECT_CHARS)
     date_text = first(headers, "date", hint)
     occurred_at = _occurred_at(date_text, received_at, defects)
 
@@ -156,6 +186,10 @@ def _normalize(
         defects.add("message-id:missing")
     in_reply_to = _first_id(all_values(headers, "in-reply-to", hint))
     references = extract_ids(" ".join(all_values(headers, "references", hint)))
+    references_cut = len(references) > _MAX_REFERENCES
+    if references_cut:
+        # What clients keep when they trim References (RFC 5322 3.6.4): the root and the latest.
+        references = references[:1] + references[1 - _MAX_REFERENCES :]
 
     record_id = message_id or _fallback_id(participants, date_text, subject, body.hash_text)
     automated_by = _automated_by(headers, hint)
@@ -180,6 +214,10 @@ def _normalize(
         "parse_defects": list(defects.items),
         "automated": bool(automated_by),
         "automated_by": automated_by,
+        "subject_truncated": subject_cut,
+        "participants_truncated": participants_cut,
+        "references_truncated": references_cut,
+        "attachments_truncated": body.attachments_truncated,
     }
 
 
@@ -221,6 +259,10 @@ def _minimal_record(
         "parse_defects": list(defects.items),
         "automated": False,
         "automated_by": [],
+        "subject_truncated": False,
+        "participants_truncated": False,
+        "references_truncated": False,
+        "attachments_truncated": False,
     }
 
 
@@ -254,7 +296,7 @@ def _collect_parser_defects(parts: list[Message], defects: Defects) -> None:
 
 def _content_cap(value: Any) -> int:
     try:
-        return max(0, int(value))
+        return min(max(0, int(value)), _MAX_CONTENT_CHARS)
     except Exception:
         return 100_000
 

@@ -30,6 +30,10 @@ RECORD_KEYS = {
     "parse_defects",
     "automated",
     "automated_by",
+    "subject_truncated",
+    "participants_truncated",
+    "references_truncated",
+    "attachments_truncated",
 }
 
 OWN = frozenset({"Sales@OurCo.example"})
