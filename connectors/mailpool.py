@@ -7,24 +7,33 @@ split across a process pool; a thread would hold the GIL against the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import multiprocessing
 import multiprocessing.forkserver
-from collections.abc import Sequence
+import os
+import signal
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime
+from multiprocessing import resource_tracker
 from typing import Any
 
 import structlog
 
+from . import lifeline
 from .base import describe
 from .mail import normalize_email
 
 log = structlog.get_logger(__name__)
 
-# Imported once in the forkserver, so each worker starts warm while the mailbox logs in.
-PRELOAD = ["commsync.connectors.mailpool", "inscriptis", "charset_normalizer"]
+# Imported once in the forkserver, so each worker starts warm while the mailbox logs in;
+# importing lifeline there also ties the forkserver's life to the daemon's.
+PRELOAD = ["commsync.connectors.lifeline", "commsync.connectors.mailpool", "inscriptis", "charset_normalizer"]
+_HELPER_STOP_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,28 +84,27 @@ def normalize_many(items: Sequence[RawMail], options: MailOptions) -> list[tuple
 
 
 class ParsePool:
-    """A process pool that replaces itself when one of its workers dies.
+    """A process pool that replaces itself when one of its workers dies, and ends with the daemon.
 
     A worker killed mid-parse (the OOM killer, a crash in C code) breaks a
     ProcessPoolExecutor for good; without a replacement every mailbox would
-    fail from then on.
+    fail from then on. Its processes die with the daemon however it dies
+    (see lifeline), and ``shutdown`` ends every one of them, the forkserver
+    and the resource tracker included, so that nothing outlives a clean stop.
     """
 
     def __init__(self, workers: int):
         self.workers = max(1, workers)
-        self.executor = self._start()
         # The forkserver would otherwise start with the first batch; starting it
         # now lets its start-up and imports overlap login and SEARCH.
-        try:
-            multiprocessing.forkserver.ensure_running()
-        except OSError:
-            pass  # the pool starts it on first use, and reports a failure then
+        self.executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
         # forkserver: forking a process that runs threads (IMAP, the driver) is unsafe.
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)
-        return ProcessPoolExecutor(self.workers, mp_context=context)
+        forkserver_pid = _ensure_forkserver()
+        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=lifeline.die_with_parent, initargs=(forkserver_pid,))
 
     def replace(self, broken: ProcessPoolExecutor) -> None:
         """Start a fresh pool if ``broken`` is still the current one."""
@@ -109,7 +117,55 @@ class ParsePool:
             self.executor = self._start()
 
     def shutdown(self) -> None:
+        """Stop the workers, then the forkserver and the resource tracker, and wait for each."""
         self.executor.shutdown(wait=True, cancel_futures=True)
+        # The executor's queues hold semaphores the tracker would otherwise report as leaked.
+        gc.collect()
+        forkserver = multiprocessing.forkserver._forkserver
+        tracker = resource_tracker._resource_tracker
+        # The forkserver ends once nothing holds its "alive" pipe (the workers are gone
+        # now), the tracker once nothing holds its pipe (the forkserver neither).
+        # Both are private CPython API (its own tests stop them this way).
+        stopped = _stop_helper("forkserver", getattr(forkserver, "_forkserver_pid", None), forkserver._stop)
+        if stopped:
+            _stop_helper("resource_tracker", getattr(tracker, "_pid", None), tracker._stop)
+
+
+def _ensure_forkserver() -> int | None:
+    """Start the forkserver (and the resource tracker) if they are not running; the forkserver's pid."""
+    if threading.current_thread() is threading.main_thread():
+        # The forkserver dies with this process (lifeline): only a child of the main
+        # thread may arm that, a child of another thread would die with the thread.
+        os.environ[lifeline.OWNER_ENV] = str(os.getpid())
+    else:
+        os.environ.pop(lifeline.OWNER_ENV, None)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    except OSError:
+        return None  # the pool starts it on first use, and reports a failure then
+    return getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+
+
+def _stop_helper(name: str, pid: int | None, stop: Callable[[], None]) -> bool:
+    """Run ``stop`` (which waits for the process to end); SIGKILL the process if that takes long."""
+    if pid is None:
+        return True
+    # Normally instant; a helper that does not end must not hang the daemon's exit.
+    guard = threading.Timer(_HELPER_STOP_S, _kill, (pid,))
+    guard.start()
+    try:
+        stop()
+    except Exception as exc:
+        log.warning("parse_pool_stop_failed", process=name, error=f"{type(exc).__name__}: {exc}"[:200])
+        return False
+    finally:
+        guard.cancel()
+    return True
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
 
 
 Parsed = list[tuple[dict[str, Any] | None, str | None]]
