@@ -133,16 +133,17 @@ class ParsePool:
 
 def _ensure_forkserver() -> int | None:
     """Start the forkserver (and the resource tracker) if they are not running; the forkserver's pid."""
+    # The forkserver dies with this process (lifeline): only a child of the main thread
+    # may arm that (a child of another thread would die with the thread), and only the
+    # forkserver sees the variable (a later child, say a commsync command, must not arm).
     if threading.current_thread() is threading.main_thread():
-        # The forkserver dies with this process (lifeline): only a child of the main
-        # thread may arm that, a child of another thread would die with the thread.
         os.environ[lifeline.OWNER_ENV] = str(os.getpid())
-    else:
-        os.environ.pop(lifeline.OWNER_ENV, None)
     try:
         multiprocessing.forkserver.ensure_running()
     except OSError:
         return None  # the pool starts it on first use, and reports a failure then
+    finally:
+        os.environ.pop(lifeline.OWNER_ENV, None)
     return getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
 
 

@@ -14,6 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from commsync.connectors import lifeline
+from commsync.connectors.mailpool import ParsePool
+
 from eventually import eventually
 from mailgen import message
 
@@ -135,3 +138,19 @@ async def test_sigterm_shuts_the_pool_down_before_the_daemon_exits(dovecot, imap
         assert all(line.startswith("{") for line in log.read_text().splitlines()), "only JSON log lines (no warnings) on stderr"
     finally:
         kill_leftovers(proc, tree)
+
+
+def test_shutdown_stops_the_forkserver_and_the_tracker_and_no_later_child_arms_itself():
+    import multiprocessing.forkserver
+    from multiprocessing import resource_tracker
+
+    pool = ParsePool(1)
+    try:
+        assert multiprocessing.forkserver._forkserver._forkserver_pid is not None
+        # Only the forkserver saw the owner variable: a later child of this process must not arm its lifeline.
+        assert lifeline.OWNER_ENV not in os.environ
+    finally:
+        pool.shutdown()
+    assert multiprocessing.forkserver._forkserver._forkserver_pid is None
+    assert resource_tracker._resource_tracker._pid is None
+
