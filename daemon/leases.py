@@ -208,7 +208,10 @@ class LeaseKeeper:
         order = sorted(free, key=lambda s: (eligible[s], random.random()))
         for source in order[:room]:
             taken = time.monotonic()
-            predecessor = owners[source]["owner"] if owners.get(source) else None
+            lease = owners.get(source)
+            # Taken from its owner by name only when live, i.e. our dead predecessor's: an expired
+            # lease is taken by its expiry alone, since its owner may have just taken it back.
+            predecessor = lease["owner"] if lease and lease.get("live") and lease["owner"] != self.owner else None
             if await self.store.acquire_lease(source, self.owner, self.ttl, predecessor=predecessor):
                 self._held[source] = taken + ttl_s
                 self.unowned.pop(source, None)

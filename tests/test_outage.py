@@ -12,10 +12,12 @@ import json
 import re
 import time
 import uuid
+from datetime import timedelta
 
 import pytest
 
 from commsync.daemon.http import HttpEndpoint, mongo_problem
+from commsync.daemon.leases import LeaseKeeper
 from commsync.daemon.metrics import Metrics
 from commsync.daemon.runner import Runner, StoreSink
 from commsync.daemon.store import Store
@@ -67,6 +69,37 @@ def test_healthz_reason_of_a_bare_timeout_and_of_a_refusal():
     assert mongo_problem(OperationFailure("command ping requires authentication"), 2.0) == (
         "error: OperationFailure: command ping requires authentication"
     )
+
+
+class _Interleaved:
+    """The store as instance a sees it: ``between`` runs after a reads the lease owners, before a acts."""
+
+    def __init__(self, store, between):
+        self._store, self._between = store, between
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def lease_owners(self, sources):
+        seen = await self._store.lease_owners(sources)
+        await self._between()
+        return seen
+
+
+async def test_after_an_outage_an_instance_never_takes_a_lease_its_owner_just_took_back(store):
+    # b held s; during an outage the lease ran out. When MongoDB is back both instances
+    # tick at once: a reads "s: b's, expired", then b takes its own lease back, then a
+    # acts on what it read. a must not take the live lease from b: both would work s.
+    ttl = timedelta(seconds=30)
+    b = LeaseKeeper(store, owner="b", ttl=ttl)
+    a = LeaseKeeper(_Interleaved(store, b.tick), owner="a", ttl=ttl)
+    a.want("s")
+    b.want("s")
+    assert await store.acquire_lease("s", "b", -ttl)  # b's lease, expired during the outage
+    await a.tick()
+    assert b.holds("s")
+    owner = (await store.lease_owners(["s"]))["s"]["owner"]
+    assert owner == "b" and not a.holds("s"), f"a holds s: {a.holds('s')}, b holds s: {b.holds('s')}, the lease names {owner}"
 
 
 def _metric(text: str, name: str, source: str) -> float | None:
