@@ -186,6 +186,11 @@ class MailStream:
             raise AssertionError(f"appending failed: {self.errors[0]!r}")
         return self.snapshot()
 
+    def halt(self) -> None:
+        """Stop appending, whatever happened (teardown)."""
+        self._stop.set()
+        self._thread.join(30)
+
     def snapshot(self) -> list[Appended]:
         with self._lock:
             return list(self.appended)
@@ -320,3 +325,26 @@ async def _rebuild_and_read(uri: str, name: str) -> tuple[dict[Any, dict[str, An
         return await store.rebuild_history(), await store.stored_histories()
     finally:
         store.close()
+
+
+def foreign_checkpoints(*daemons: DaemonProcess) -> list[str]:
+    """Checkpoints saved by an instance after another one took the source's lease (needs debug logs).
+
+    Merged by time, each ``checkpoint_saved`` must come from whoever acquired the
+    source's lease last: one instance at a time works a source.
+    """
+    merged = []
+    for d in daemons:
+        for e in d.events():
+            if e.get("event") in ("lease_acquired", "checkpoint_saved"):
+                merged.append((e["timestamp"], d.name, e))
+    merged.sort(key=lambda t: t[0])
+    last_owner: dict[str, str] = {}
+    problems = []
+    for at, name, e in merged:
+        source = e["source"]
+        if e["event"] == "lease_acquired":
+            last_owner[source] = name
+        elif last_owner.get(source) != name:
+            problems.append(f"{at} {name} checkpointed {source}/{e['stream']} {e['checkpoint']} while {last_owner.get(source)} held it")
+    return problems

@@ -1,29 +1,37 @@
-"""A MongoDB outage under a running daemon: a real server stopped for 15-20 s while mail streams in.
+"""A MongoDB outage under running daemons: a real server stopped for 16 s while mail streams in.
 
-The daemon (`commsync run`, the console script) must keep running, say on
-/healthz why it is unhealthy, back off without spinning or flooding its log,
-never move a checkpoint past mail it has not stored, and after the server is
-back store every message exactly once with histories equal to a rebuild.
+Two daemons (`commsync run`, the console script) share four mailboxes. They
+must keep running, say on /healthz why they are unhealthy, back off without
+spinning or flooding their logs, never move a checkpoint past mail that is not
+stored, never both work one source when the server is back, and in the end
+store every message exactly once with histories equal to a rebuild.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import re
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+import pymongo.errors
 import pytest
 
+from commsync.connectors.base import Batch
 from commsync.daemon.http import HttpEndpoint, mongo_problem
 from commsync.daemon.leases import LeaseKeeper
 from commsync.daemon.metrics import Metrics
+from commsync.daemon.retry import RetryPolicy
 from commsync.daemon.runner import Runner, StoreSink
 from commsync.daemon.store import Store
 
-from daemons import DaemonProcess, Database, MailStream, commsync, free_port, wait_until, write_config
+from daemons import DaemonProcess, Database, MailStream, commsync, foreign_checkpoints, free_port, wait_until, write_config
+from eventually import eventually
 from mongo_server import EXTERNAL_URI, MongoTestServer, server_binary
+from records import T0, email_record, hours
 
 pytestmark = [
     pytest.mark.integration,
@@ -102,105 +110,228 @@ async def test_after_an_outage_an_instance_never_takes_a_lease_its_owner_just_to
     assert owner == "b" and not a.holds("s"), f"a holds s: {a.holds('s')}, b holds s: {b.holds('s')}, the lease names {owner}"
 
 
+class Outage:
+    """A store that MongoDB's outage makes fail: every coroutine method raises while ``down``."""
+
+    def __init__(self, store):
+        self._store, self.down = store, False
+
+    def __getattr__(self, name):
+        target = getattr(self._store, name)
+        if not inspect.iscoroutinefunction(target):
+            return target
+
+        async def call(*args, **kwargs):
+            if self.down:
+                raise pymongo.errors.ServerSelectionTimeoutError("127.0.0.1:27017: [Errno 111] Connection refused")
+            return await target(*args, **kwargs)
+
+        return call
+
+
+class Trickle:
+    """A source with one new item at every pass."""
+
+    kind = "test"
+
+    def __init__(self, name):
+        self.name = name
+
+    async def batches(self, state):
+        n = state.get("s", {}).get("n", 0)
+        yield Batch("s", [email_record(f"{self.name}-{n}@x", at=T0 + hours(n), source=self.name, uid=n)], {"n": n + 1})
+
+    async def check(self):
+        return "ok"
+
+    async def aclose(self):
+        return None
+
+
+QUICK = RetryPolicy(backoff_max=timedelta(milliseconds=50))
+
+
+async def test_a_failure_mongodb_kept_from_being_saved_is_in_the_status_after_recovery(memory_store):
+    store = Outage(memory_store)
+    runner = Runner([Trickle("s")], StoreSink(store), poll_interval=timedelta(milliseconds=50), policy=QUICK, publish_status=True)
+    store.down = True
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: runner.status["s"].failures >= 2, what="failing passes while MongoDB is down")
+        assert await memory_store.source_status("s") is None  # nothing could be saved
+        store.down = False
+        await eventually(lambda: runner.status["s"].failures == 0, what="a pass after recovery")
+        await eventually(lambda: _saved_after_recovery(memory_store), what="the status saved after recovery")
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 10)
+    doc = await memory_store.source_status("s")
+    assert doc["consecutive_failures"] == 0 and doc["last_success"] > doc["last_error_at"], doc
+    assert doc["last_error"].startswith("ServerSelectionTimeoutError: 127.0.0.1:27017"), doc
+
+
+async def _saved_after_recovery(store):
+    doc = await store.source_status("s")
+    return doc is not None and doc.get("consecutive_failures") == 0 and doc.get("last_success") is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="runner: a failure an instance could not save while MongoDB was down is lost when its source went to another instance meanwhile",
+)
+async def test_a_failure_is_in_the_status_even_when_the_source_changed_hands_during_the_outage(memory_store):
+    # a works s; MongoDB goes away for a (its keeper and its sink); s fails there and the
+    # failure cannot be saved; a's lease runs out and b takes s. Once MongoDB is back for
+    # a too, `commsync status` should still show what happened to s during the outage.
+    ttl = timedelta(seconds=1)
+    seen_by_a = Outage(memory_store)
+    ka = LeaseKeeper(seen_by_a, owner="a", ttl=ttl)
+    ra = Runner([Trickle("s")], StoreSink(seen_by_a), poll_interval=timedelta(milliseconds=50), policy=QUICK, leases=ka)
+    kb = LeaseKeeper(memory_store, owner="b", ttl=ttl)
+    rb = Runner([Trickle("s")], StoreSink(memory_store), poll_interval=timedelta(milliseconds=50), policy=QUICK, leases=kb)
+    ta = asyncio.create_task(ra.run())
+    tb = None
+    try:
+        await eventually(lambda: ra.status["s"].passes >= 1, what="a works s")
+        seen_by_a.down = True
+        await eventually(lambda: ra.status["s"].failures >= 1, what="s fails on a")
+        tb = asyncio.create_task(rb.run())
+        await eventually(lambda: kb.holds("s") and rb.status["s"].passes >= 1, what="b took s over")
+        seen_by_a.down = False
+        await eventually(lambda: ka.healthy and not ka.holds("s"), what="a reaches MongoDB again")
+        await eventually(lambda: _error_recorded(memory_store), timeout=3, what="s's outage failure in its status document")
+    finally:
+        ra.stop()
+        rb.stop()
+        await asyncio.wait_for(asyncio.gather(*(t for t in (ta, tb) if t is not None)), 10)
+
+
+async def _error_recorded(store):
+    doc = await store.source_status("s") or {}
+    return "ServerSelectionTimeoutError" in (doc.get("last_error") or "")
+
+
 def _metric(text: str, name: str, source: str) -> float | None:
     match = re.search(rf'^{name}\{{source="{re.escape(source)}"\}} (\S+)$', text, re.M)
     return float(match.group(1)) if match else None
 
 
-def test_daemon_rides_out_a_mongodb_outage(server, dovecot, tmp_path):
+def test_daemons_ride_out_a_mongodb_outage(server, dovecot, tmp_path):
     db = Database(server.uri, f"outage_{uuid.uuid4().hex[:8]}")
     customers = db.seed_customers(4)
-    users = {f"box{i}": dovecot.new_user(f"out{i}-") for i in range(3)}
-    port = free_port()
-    config = write_config(
-        tmp_path / "commsync.yaml",
-        uri=server.uri,
-        database=db.name,
-        mailboxes=[dovecot.mailbox(user, name=name, folders=["INBOX", "Archive"]) for name, user in users.items()],
-        daemon={
-            "poll_interval": "1s",
-            "backoff_max": "2s",
-            "lease_ttl": "6s",
-            "parse_workers": 1,
-            "shutdown_timeout": "10s",
-            "instance": "solo",
-            "http": {"listen": f"127.0.0.1:{port}"},
-        },
-    )
-    daemon = DaemonProcess("solo", config, tmp_path, http_port=port)
+    users = {f"box{i}": dovecot.new_user(f"out{i}-") for i in range(4)}
+    mailboxes = [dovecot.mailbox(user, name=name, folders=["INBOX", "Archive"]) for name, user in users.items()]
+    daemons = {}
+    for name in ("alpha", "beta"):
+        port = free_port()
+        config = write_config(
+            tmp_path / f"{name}.yaml",
+            uri=server.uri,
+            database=db.name,
+            mailboxes=mailboxes,
+            log_level="debug",  # checkpoint_saved: who checkpointed what, when
+            daemon={
+                "poll_interval": "1s",
+                "backoff_max": "2s",
+                "lease_ttl": "6s",
+                "parse_workers": 1,
+                "shutdown_timeout": "10s",
+                "instance": name,
+                "http": {"listen": f"127.0.0.1:{port}"},
+            },
+        )
+        daemons[name] = DaemonProcess(name, config, tmp_path, http_port=port)
+    both = list(daemons.values())
     stream = MailStream(dovecot, users, customers)
-    try:
-        wait_until(daemon.listening, 30, what=lambda: f"the daemon's HTTP listener\n{daemon.tail()}")
-        wait_until(lambda: len(db.lease_owners()) == len(users), 30, what="the daemon owns every source")
-        stream.start()
-        wait_until(lambda: len(db.records()) >= 10, 30, what=lambda: f"capture under way\n{daemon.tail()}")
-        assert daemon.get("/healthz").status == 200
+    violations: list[str] = []
 
-        lines_before = len(daemon.events())
+    def stored(appended) -> bool:
+        # Read while capture goes on: no checkpoint is ever ahead of the stored mail.
+        violations.extend(db.checkpoint_violations(appended))
+        return not db.missing(appended)
+
+    def tails() -> str:
+        return "\n".join(f"--- {d.name}\n{d.tail()}" for d in both)
+
+    try:
+        for d in both:
+            wait_until(d.listening, 30, what=lambda: f"the HTTP listeners\n{tails()}")
+        wait_until(lambda: set(db.lease_owners().values()) == set(daemons) and len(db.lease_owners()) == len(users), 60, what="both own sources")
+        stream.start()
+        wait_until(lambda: stream.count() >= 20, 30, what="20 messages appended")
+        early = stream.snapshot()
+        wait_until(lambda: stored(early), 30, interval=0.3, what=lambda: f"capture under way: missing {db.missing(early)[:5]}\n{tails()}")
+        assert all(d.get("/healthz").status == 200 for d in both)
+
+        lines_before = {d.name: len(d.events()) for d in both}
         server.stop()
         outage_started = time.monotonic()
-        unhealthy = []
+        answers = []
         # The outage lasts OUTAGE_S whatever happens; meanwhile /healthz is asked again and again.
         while time.monotonic() - outage_started < OUTAGE_S:
-            assert daemon.alive, daemon.tail()
-            unhealthy.append(daemon.get("/healthz", timeout=10))
-        during_metrics = daemon.get("/metrics").body
-        lines_during = len(daemon.events()) - lines_before
+            assert all(d.alive for d in both), tails()
+            answers.extend(d.get("/healthz", timeout=10) for d in both)
+        during = {d.name: d.get("/metrics").body for d in both}
+        lines_during = {d.name: len(d.events()) - lines_before[d.name] for d in both}
         server.start()
-        recovered_at = time.monotonic()
+        recovered_at = time.time()
 
         # /healthz answered every time, quickly, 503, and said MongoDB is unreachable and why.
-        assert unhealthy and all(a.status == 503 for a in unhealthy[1:]), [(a.status, a.body) for a in unhealthy]
-        assert max(a.seconds for a in unhealthy) < PING_TIMEOUT_S + 1.0, [round(a.seconds, 2) for a in unhealthy]
-        reason = unhealthy[-1].json()["mongodb"]
-        assert reason.startswith("unreachable: ") and "Error" in reason and len(reason) > len("unreachable: ") + 20, reason
-        # Each source's consecutive failures were visible while MongoDB was down.
-        assert all((_metric(during_metrics, "commsync_source_consecutive_failures", name) or 0) >= 1 for name in users), during_metrics
+        assert answers and all(a.status == 503 for a in answers[2:]), [(a.status, a.body) for a in answers]
+        assert max(a.seconds for a in answers) < PING_TIMEOUT_S + 1.0, [round(a.seconds, 2) for a in answers]
+        reason = answers[-1].json()["mongodb"]
+        assert reason.startswith("unreachable: ServerSelectionTimeoutError: ") and "Connection refused" in reason, reason
+        # Every source's failures were visible on its owner's /metrics while MongoDB was down.
+        for name in users:
+            assert max(_metric(text, "commsync_source_consecutive_failures", name) or 0 for text in during.values()) >= 1, during
 
-        wait_until(lambda: daemon.get("/healthz").status == 200, 30, what=lambda: f"/healthz healthy again\n{daemon.tail()}")
-        # While it catches up, no checkpoint is ever ahead of the stored mail.
-        violations: list[str] = []
-
-        def caught_up(target: int) -> bool:
-            appended = stream.snapshot()
-            violations.extend(db.checkpoint_violations(appended))
-            return len(appended) >= target and not db.missing(appended)
-
-        target = stream.count() + 10
-        wait_until(lambda: caught_up(target), 60, interval=0.3, what=lambda: f"capture catches up\n{daemon.tail()}")
+        for d in both:
+            wait_until(lambda d=d: d.get("/healthz").status == 200, 30, what=lambda: f"/healthz healthy again\n{tails()}")
+        target = stream.count() + 20
+        wait_until(lambda: stream.count() >= target, 30, what="20 more messages appended")
+        later = stream.snapshot()
+        wait_until(lambda: stored(later), 60, interval=0.3, what=lambda: f"capture catches up: missing {db.missing(later)[:5]}\n{tails()}")
         appended = stream.stop()
-        wait_until(lambda: caught_up(len(appended)), 30, interval=0.3, what=lambda: f"the last mail stored\n{daemon.tail()}")
-        assert not violations, violations[:10]
-        assert daemon.alive, daemon.tail()
+        wait_until(lambda: stored(appended), 30, interval=0.3, what=lambda: f"the last mail stored: missing {db.missing(appended)[:5]}\n{tails()}")
+        assert all(d.alive for d in both), tails()
 
-        # After recovery: no failure in a row now, the last error of the outage kept, a success since.
-        status = json.loads(commsync(config, "status", "--json").stdout)
+        # After recovery: no failure in a row now, a success since, and the outage's error kept
+        # where the instance that saw it works the source now (else see the xfail test above).
+        status = json.loads(commsync(tmp_path / "alpha.yaml", "status", "--json").stdout)
         rows = {r["source"]: r for r in status["sources"]}
         for name in users:
             row = rows[name]
-            assert row["owner"] == "solo" and row["consecutive_failures"] == 0, row
-            assert row["last_error"] and "ServerSelectionTimeoutError" in row["last_error"], row
-            assert row["last_success"] > row["last_error_at"], row
-        metrics = daemon.get("/metrics").body
+            assert row["owner"] in daemons and row["consecutive_failures"] == 0, row
+            assert datetime.fromisoformat(row["last_success"]).timestamp() > recovered_at, row
+            if daemons[row["owner"]].named("source_failed", source=name):
+                assert "ServerSelectionTimeoutError" in (row["last_error"] or ""), row
+                assert row["last_success"] > row["last_error_at"], row
+        metrics = {d.name: d.get("/metrics").body for d in both}
         for name in users:
-            assert _metric(metrics, "commsync_source_errors_total", name) >= 1, metrics
-            assert _metric(metrics, "commsync_source_consecutive_failures", name) == 0, metrics
-            assert _metric(metrics, "commsync_last_success_timestamp_seconds", name) > time.time() - (time.monotonic() - recovered_at) - 1
+            owner = metrics[rows[name]["owner"]]
+            assert _metric(owner, "commsync_source_consecutive_failures", name) == 0, owner
+            assert _metric(owner, "commsync_last_success_timestamp_seconds", name) > recovered_at, owner
+            assert sum(_metric(text, "commsync_source_errors_total", name) or 0 for text in metrics.values()) >= 1, metrics
 
-        assert daemon.stop() == 0, daemon.tail()
-        events = daemon.events()
+        assert [d.stop() for d in both] == [0, 0], tails()
     finally:
-        if stream._thread.is_alive():
-            stream._stop.set()
-        if daemon.alive:
-            daemon.kill()
+        stream.halt()
+        for d in both:
+            if d.alive:
+                d.kill()
 
-    # No spinning and no flood: a bounded number of lines in the outage, one traceback per source's failure run.
-    assert lines_during < 40 * len(users), f"{lines_during} log lines in a {OUTAGE_S}s outage"
-    tracebacks = [e for e in events if "exception" in e]
-    assert len(tracebacks) <= len(users), [(e["event"], e.get("source")) for e in tracebacks]
-    assert all(len(json.dumps(e)) < 2000 for e in events if "exception" not in e), max(events, key=lambda e: len(json.dumps(e)))
+    for d in both:
+        events = d.events()
+        # No spinning and no flood: a bounded number of lines in the outage, one traceback per source's failure run.
+        assert lines_during[d.name] < 40 * len(users), f"{d.name}: {lines_during[d.name]} log lines in a {OUTAGE_S}s outage"
+        tracebacks = [e for e in events if "exception" in e]
+        assert len(tracebacks) <= len(users), [(e["event"], e.get("source")) for e in tracebacks]
+        assert all(len(json.dumps(e)) < 2000 for e in events if "exception" not in e), max(events, key=lambda e: len(json.dumps(e)))
 
+    assert not violations, violations[:10]
     assert not db.exactly_once_problems(appended), db.exactly_once_problems(appended)[:10]
     assert not db.history_differences(), db.history_differences()[:5]
+    # One instance at a time worked each source, before, during and after the outage.
+    assert not foreign_checkpoints(*both), foreign_checkpoints(*both)[:10]
     db.close()
