@@ -203,9 +203,10 @@ class LeaseKeeper:
         room = share - len(active)
         if room <= 0 or not free:
             return
-        # Sources fewer instances can work first; among equals, at random, so that
-        # instances starting together do not all reach for the same ones.
-        order = sorted(free, key=lambda s: (eligible[s], random.random()))
+        # Sources fewer instances can work first; then the ones whose (expired) lease was ours,
+        # so that after an outage each instance takes back its own instead of swapping; among
+        # equals, at random, so that instances starting together do not all reach for the same ones.
+        order = sorted(free, key=lambda s: (eligible[s], (owners.get(s) or {}).get("owner") != self.owner, random.random()))
         for source in order[:room]:
             taken = time.monotonic()
             lease = owners.get(source)

@@ -110,6 +110,24 @@ async def test_after_an_outage_an_instance_never_takes_a_lease_its_owner_just_to
     assert owner == "b" and not a.holds("s"), f"a holds s: {a.holds('s')}, b holds s: {b.holds('s')}, the lease names {owner}"
 
 
+async def test_after_an_outage_each_instance_takes_back_its_own_sources_first(store):
+    # Every lease ran out during the outage. With two instances and four sources, a's share
+    # is two: it takes back the two it worked before (its connections, its in-memory status)
+    # rather than two at random, which would hand sources back and forth between instances.
+    ttl = timedelta(seconds=30)
+    sources = [f"s{i}" for i in range(4)]
+    for attempt in range(8):
+        await store.db["leases"].delete_many({})
+        for source, owner in zip(sources, "aabb", strict=True):
+            assert await store.acquire_lease(source, owner, -ttl)  # expired
+        await store.heartbeat("b", ttl, {"sources_configured": sources})
+        a = LeaseKeeper(store, owner="a", ttl=ttl)
+        for source in sources:
+            a.want(source)
+        await a.tick()
+        assert sorted(a.held) == ["s0", "s1"], f"attempt {attempt}: a took {sorted(a.held)}"
+
+
 class Outage:
     """A store that MongoDB's outage makes fail: every coroutine method raises while ``down``."""
 
