@@ -13,6 +13,10 @@ import time
 import uuid
 
 import pytest
+from structlog.testing import capture_logs
+
+from commsync.config import settings_from_dict
+from commsync.daemon import app
 
 from daemons import DaemonProcess, Database, MailStream, commsync, foreign_checkpoints, free_port, wait_until, write_config
 from mongo_server import EXTERNAL_URI, MongoTestServer, server_binary
@@ -109,7 +113,28 @@ def test_two_instances_share_the_sources_and_a_killed_one_hands_them_over(server
     # One instance at a time worked each source: nobody checkpointed a source another had taken.
     assert not foreign_checkpoints(alpha, beta), foreign_checkpoints(alpha, beta)[:10]
     assert not beta.named("lease_lost"), beta.named("lease_lost")
+    # Nothing disturbed IMAP: no wait failed (a failing wait means a new pass at once, a spin).
+    assert not alpha.named("imap_connection_lost") and not beta.named("imap_connection_lost"), beta.named("imap_connection_lost")[:3]
     db.close()
+
+
+async def test_a_wait_on_several_folders_waits_for_mail_instead_of_spinning(dovecot, imap_user):
+    # With two folders the connector asks for NOTIFY. Dovecot refuses MessageNew without
+    # MessageExpunge (RFC 5465 5.2); each refusal counted as a lost connection and the next
+    # pass came at once: several passes a second per source, for ever.
+    settings = settings_from_dict({"mongodb": {"uri": "memory://"}, "mailboxes": [dovecot.mailbox(imap_user, folders=["INBOX", "Archive"])]})
+    (connector,) = app.build_connectors(settings, None)
+    try:
+        async for _ in connector.batches({}):
+            pass
+        with capture_logs() as logs:
+            started = time.monotonic()
+            changed = await connector.wait_for_change(1.5)
+            took = time.monotonic() - started
+    finally:
+        await connector.aclose()
+    assert [e for e in logs if e["event"] == "imap_connection_lost"] == []
+    assert changed is False and took >= 1.4, (changed, took)
 
 
 def _split(db: Database) -> dict[str, str] | None:
