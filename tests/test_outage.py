@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 
 import pymongo.errors
 import pytest
@@ -230,6 +231,21 @@ async def _error_recorded(store):
     return "ServerSelectionTimeoutError" in (doc.get("last_error") or "")
 
 
+def test_mongodb_up_follows_the_lease_keeper_and_is_absent_without_one():
+    metrics = Metrics()
+    runner = SimpleNamespace(status={}, leases=None)
+    assert _gauge(metrics.render(runner).decode(), "commsync_mongodb_up") is None  # no keeper, no claim
+    runner.leases = SimpleNamespace(held=[], unowned_for=dict, healthy=False)
+    assert _gauge(metrics.render(runner).decode(), "commsync_mongodb_up") == 0
+    runner.leases.healthy = True
+    assert _gauge(metrics.render(runner).decode(), "commsync_mongodb_up") == 1
+
+
+def _gauge(text: str, name: str) -> float | None:
+    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else None
+
+
 def _metric(text: str, name: str, source: str) -> float | None:
     match = re.search(rf'^{name}\{{source="{re.escape(source)}"\}} (\S+)$', text, re.M)
     return float(match.group(1)) if match else None
@@ -300,7 +316,8 @@ def test_daemons_ride_out_a_mongodb_outage(server, dovecot, tmp_path):
         assert max(a.seconds for a in answers) < PING_TIMEOUT_S + 1.0, [round(a.seconds, 2) for a in answers]
         reason = answers[-1].json()["mongodb"]
         assert reason.startswith("unreachable: ServerSelectionTimeoutError: ") and "Connection refused" in reason, reason
-        # Every source's failures were visible on its owner's /metrics while MongoDB was down.
+        # /metrics said MongoDB was down, and every source's failures were visible on its owner's.
+        assert all(_gauge(text, "commsync_mongodb_up") == 0 for text in during.values()), during
         for name in users:
             assert max(_metric(text, "commsync_source_consecutive_failures", name) or 0 for text in during.values()) >= 1, during
 
@@ -326,6 +343,7 @@ def test_daemons_ride_out_a_mongodb_outage(server, dovecot, tmp_path):
                 assert re.match(r"(ServerSelectionTimeoutError|AutoReconnect|NetworkTimeout): ", row["last_error"] or ""), row
                 assert row["last_success"] > row["last_error_at"], row
         metrics = {d.name: d.get("/metrics").body for d in both}
+        assert all(_gauge(text, "commsync_mongodb_up") == 1 for text in metrics.values()), metrics
         for name in users:
             owner = metrics[rows[name]["owner"]]
             assert _metric(owner, "commsync_source_consecutive_failures", name) == 0, owner
