@@ -73,7 +73,8 @@ def _status_fields(items: Any) -> tuple[int | None, int | None]:
 def notify_set(client: imapclient.IMAPClient, others: Iterable[str]) -> dict[str, tuple[int | None, int | None]]:
     """Ask for MessageNew in the selected folder and in ``others`` (RFC 5465); their STATUS as of now."""
     names = " ".join(_quoted(f) for f in others)
-    spec = "(selected (MessageNew (UID))) " + (f"(mailboxes ({names}) (MessageNew))" if names else "")
+    # MessageNew only together with MessageExpunge (RFC 5465 5.2; Dovecot answers BAD otherwise); expunges are ignored.
+    spec = "(selected (MessageNew (UID) MessageExpunge)) " + (f"(mailboxes ({names}) (MessageNew MessageExpunge))" if names else "")
     imap = client._imap
     imap.untagged_responses.pop("STATUS", None)
     typ, data = imap._simple_command("NOTIFY", "SET", "STATUS", spec.strip())

@@ -203,12 +203,16 @@ class LeaseKeeper:
         room = share - len(active)
         if room <= 0 or not free:
             return
-        # Sources fewer instances can work first; among equals, at random, so that
-        # instances starting together do not all reach for the same ones.
-        order = sorted(free, key=lambda s: (eligible[s], random.random()))
+        # Sources fewer instances can work first; then the ones whose (expired) lease was ours,
+        # so that after an outage each instance takes back its own instead of swapping; among
+        # equals, at random, so that instances starting together do not all reach for the same ones.
+        order = sorted(free, key=lambda s: (eligible[s], (owners.get(s) or {}).get("owner") != self.owner, random.random()))
         for source in order[:room]:
             taken = time.monotonic()
-            predecessor = owners[source]["owner"] if owners.get(source) else None
+            lease = owners.get(source)
+            # Taken from its owner by name only when live, i.e. our dead predecessor's: an expired
+            # lease is taken by its expiry alone, since its owner may have just taken it back.
+            predecessor = lease["owner"] if lease and lease.get("live") and lease["owner"] != self.owner else None
             if await self.store.acquire_lease(source, self.owner, self.ttl, predecessor=predecessor):
                 self._held[source] = taken + ttl_s
                 self.unowned.pop(source, None)

@@ -31,6 +31,9 @@ class Metrics:
         self.failing = Gauge("commsync_source_consecutive_failures", "Failed passes in a row (0: healthy).", ["source"], registry=r)
         self.backlog = Gauge("commsync_source_backlog", "Items found but not yet stored, when the source knows.", ["source"], registry=r)
         self.sources = Gauge("commsync_sources_owned", "Sources this instance works now (holds the lease of).", registry=r)
+        # Registered once a lease keeper reports on it: without one, a constant 0 would read as "down".
+        self.mongodb_up = Gauge("commsync_mongodb_up", "1 when MongoDB answered this instance's last lease round (every third of daemon.lease_ttl).", registry=None)
+        self._mongodb_up_registered = False
         self.newest = Gauge(
             "commsync_newest_item_timestamp_seconds", "When the newest item captured from the source happened (Unix time).", ["source"], registry=r
         )
@@ -98,4 +101,12 @@ class Metrics:
             self.sources.set(len(held) if held is not None else len(runner.status))
             unowned = getattr(runner.leases, "unowned_for", None)
             self.unowned.set(len(unowned()) if unowned is not None else 0)
+            # During a MongoDB outage sources stop trying once their leases lapse, so their
+            # consecutive failures stay low: this is the gauge to alert on for the database.
+            healthy = getattr(runner.leases, "healthy", None)
+            if healthy is not None:
+                if not self._mongodb_up_registered:
+                    self.registry.register(self.mongodb_up)
+                    self._mongodb_up_registered = True
+                self.mongodb_up.set(1 if healthy else 0)
         return generate_latest(self.registry)

@@ -48,6 +48,9 @@ class SourceStatus:
     refused_since: datetime | None = None
     last_error: str | None = None
     last_error_at: datetime | None = None
+    # The newest error, kept after a success clears last_error: the status document
+    # shows it even when it could not be saved at the time (MongoDB itself was down).
+    recent_error: str | None = None
     last_success: datetime | None = None
     last_batch_at: datetime | None = None
     # The newest item ever captured from the source: how fresh it is.
@@ -348,7 +351,7 @@ class Runner:
         kind = retry.classify(exc)
         now = _now()
         status.failures += 1
-        status.last_error = describe(exc)
+        status.last_error = status.recent_error = describe(exc)
         status.last_error_at = now
         status.problems = _problems(worker.connector)
         if kind == retry.REFUSED:
@@ -601,9 +604,9 @@ class Runner:
         for key in ("last_success", "last_batch_at", "newest_item_at"):
             if getattr(status, key) is not None:
                 fields[key] = getattr(status, key)
-        if status.last_error is not None:
+        if status.recent_error is not None:
             # The last error stays visible after a recovery; consecutive_failures says it is over.
-            fields["last_error"] = status.last_error
+            fields["last_error"] = status.recent_error
             fields["last_error_at"] = status.last_error_at
         try:
             await self.sink.save_source_status(worker.name, fields)  # type: ignore[attr-defined]

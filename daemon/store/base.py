@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import pymongo
 import pymongo.errors
 import structlog
 
@@ -92,9 +93,12 @@ class StoreBase:
     def close(self) -> None:
         self.client.close()
 
-    async def ping(self) -> None:
-        """Raise unless the server answers."""
-        await self.db.command("ping")
+    async def ping(self, timeout: float | None = None) -> None:
+        """Raise unless the server answers (within ``timeout`` seconds, finding the server included)."""
+        # The driver's own deadline: a server that is down fails as ServerSelectionTimeoutError
+        # naming the cause (connection refused, ...) instead of an anonymous asyncio timeout.
+        with pymongo.timeout(timeout):
+            await self.db.command("ping")
 
     async def ensure_indexes(self) -> None:
         """Indexes the daemon and integrators' timeline queries need."""
