@@ -114,6 +114,9 @@ class ImapConnector:
         # Things to show until they are old: key -> (text, monotonic time seen).
         self._notices: dict[str, tuple[str, float]] = {}
         self.check_every = CHECK_EVERY_S
+        # Waits that failed in a row (a server that drops IDLE), and a server that refused NOTIFY.
+        self._wait_failures = 0
+        self._no_notify = False
 
     @property
     def problems(self) -> dict[str, str]:
@@ -367,7 +370,7 @@ class ImapConnector:
             others = [f for f in self._folder_list if f != main and f not in self._missing]
             info = await self._examine(client, main)
             changed = {main} if imap_extensions.newer(main, int(info[b"UIDVALIDITY"]), int(info.get(b"UIDNEXT") or 0), self._scanned) else set()
-            notify = bool(others) and await self._call(client.has_capability, "NOTIFY")
+            notify = bool(others) and not self._no_notify and await self._call(client.has_capability, "NOTIFY")
             try:
                 if notify:
                     found = await self._call(imap_extensions.notify_set, client, others)
@@ -380,6 +383,7 @@ class ImapConnector:
             finally:
                 if notify:
                     await self._call(imap_extensions.notify_none, client)
+            self._wait_failures = 0
             if changed:
                 self._log.debug("new_mail", folders=sorted(changed))
                 self._wake = sorted(changed)
@@ -387,10 +391,27 @@ class ImapConnector:
             return False
         except asyncio.CancelledError:
             raise
+        except IMAPClientError as exc:
+            if isinstance(exc, IMAPClientAbortError):
+                return await self._lost(exc, deadline)
+            # The server answered, and refused a command (an extension it half supports): wait
+            # without it on this connector from now on, rather than pass after pass at once.
+            self._log.warning("wait_command_refused", error=_describe(exc), fallback="IDLE on the first folder, checks of the others")
+            self._no_notify = True
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            return False
         except Exception as exc:
-            self._log.warning("imap_connection_lost", error=_describe(exc))
-            await self._drop()
-            return True
+            return await self._lost(exc, deadline)
+
+    async def _lost(self, exc: BaseException, deadline: float) -> bool:
+        """The connection went away while waiting: the next pass reconnects, after a pause if this keeps happening."""
+        self._log.warning("imap_connection_lost", error=_describe(exc))
+        await self._drop()
+        self._wait_failures += 1
+        # A server that drops every IDLE must not turn the wait into a pass loop.
+        pause = min(60.0, 2.0 ** (self._wait_failures - 1)) if self._wait_failures > 1 else 0.0
+        await asyncio.sleep(min(pause, max(0.0, deadline - asyncio.get_running_loop().time())))
+        return True
 
     async def _idle_until(self, client: imapclient.IMAPClient, main: str, deadline: float, poll: list[str]) -> set[str]:
         """IDLE on ``main`` until new mail or ``deadline``, re-issued every ``idle_renew``; ``poll`` checked between."""

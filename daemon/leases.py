@@ -117,12 +117,14 @@ class LeaseKeeper:
             if source in self._grant:
                 self._grant[source].clear()
                 self._revoke[source].clear()
-            try:
-                await self.store.release_leases([source], self.owner)
-            except Exception as exc:
-                # It expires on its own then.
-                log.warning("lease_release_failed", source=source, error=describe(exc), expires_in_s=self.ttl.total_seconds())
-                return
+        # Outside the lock: with MongoDB down the release waits its full timeout, and the
+        # keeper's ticks (and the other sources' releases) must not queue behind it.
+        try:
+            await self.store.release_leases([source], self.owner)
+        except Exception as exc:
+            # It expires on its own then.
+            log.warning("lease_release_failed", source=source, error=describe(exc), expires_in_s=self.ttl.total_seconds())
+            return
         log.info("lease_released", source=source, owner=self.owner)
 
     async def unwant(self, source: str) -> None:
@@ -152,6 +154,8 @@ class LeaseKeeper:
                 raise
             except Exception as exc:
                 self.healthy = False
+                # What was seen unowned before the database went away says nothing about now.
+                self.unowned.clear()
                 log.warning("lease_tick_failed", owner=self.owner, error=describe(exc))
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.period)
@@ -161,9 +165,12 @@ class LeaseKeeper:
     async def tick(self) -> None:
         """Announce, renew, give back the excess, take up to our share."""
         async with self._lock:
-            await self._tick()
+            await self._tick(settling=not self.healthy)
 
-    async def _tick(self) -> None:
+    async def _tick(self, settling: bool = False) -> None:
+        """One round. ``settling``: the first after the database was unreachable, when every
+        instance's heartbeat has lapsed; it takes back only what was ours, and leaves the
+        rest for the next round, when the others have announced themselves again."""
         ttl_s = self.ttl.total_seconds()
         started = time.monotonic()
         info = {"pid": os.getpid(), "host": self.host, "sources": len(self._held), "sources_configured": list(self._wanted)}
@@ -201,6 +208,8 @@ class LeaseKeeper:
                 self._revoke_source(source, "lease_yielding", share=share, instances=self.live_instances)
             return
         room = share - len(active)
+        if settling:
+            free = {s for s in free if (owners.get(s) or {}).get("owner") == self.owner}
         if room <= 0 or not free:
             return
         # Sources fewer instances can work first; then the ones whose (expired) lease was ours,

@@ -24,6 +24,8 @@ from datetime import datetime, timedelta
 
 from commsync.connectors.base import CredentialsRefused, TemporarilyUnavailable
 
+from .store import UNREACHABLE
+
 REFUSED = "refused"
 UNAVAILABLE = "unavailable"
 ERROR = "error"
@@ -33,7 +35,8 @@ def classify(exc: BaseException) -> str:
     """What kind of failure ``exc`` is, by its class."""
     if isinstance(exc, CredentialsRefused):
         return REFUSED
-    if isinstance(exc, TemporarilyUnavailable):
+    # The store's own outage (MongoDB unreachable) is an outage too, not a bug to trace.
+    if isinstance(exc, (TemporarilyUnavailable, *UNREACHABLE)):
         return UNAVAILABLE
     return ERROR
 

@@ -6,6 +6,7 @@ import asyncio
 import time
 from datetime import timedelta
 
+import imapclient.exceptions
 import pytest
 
 from commsync.config import settings_from_dict
@@ -195,3 +196,28 @@ async def test_server_going_away_and_coming_back(dovecot, imap_user, memory_stor
         finally:
             runner.stop()
             assert await asyncio.wait_for(task, 15) is True
+
+
+async def test_a_refused_notify_falls_back_instead_of_spinning(dovecot, imap_user, monkeypatch):
+    """A server that answers BAD to NOTIFY: the wait goes on without it, it does not return at once pass after pass."""
+    from commsync.connectors import imap_extensions
+
+    connector = connector_for(dovecot, imap_user, folders=["INBOX", "Sent"])
+    connector.check_every = 0.2
+
+    def refused(client, others):
+        raise imapclient.exceptions.IMAPClientError("NOTIFY command error: BAD [b'Error in IMAP command NOTIFY']")
+
+    monkeypatch.setattr(imap_extensions, "notify_set", refused)
+    try:
+        await drain(connector)
+        started = time.monotonic()
+        assert await connector.wait_for_change(1.0) is False
+        assert time.monotonic() - started >= 0.9  # waited, not a pass loop
+        # Without NOTIFY from now on: IDLE plus the cheap check still finds mail in Sent.
+        waiting = asyncio.create_task(connector.wait_for_change(10))
+        await eventually(lambda: connector._in_command, what="inside IDLE")
+        dovecot.append(imap_user.name, "Sent", message(7))
+        assert await asyncio.wait_for(waiting, 10) is True and connector._wake == ["Sent"]
+    finally:
+        await connector.aclose()

@@ -252,3 +252,19 @@ async def test_a_restart_on_the_same_host_takes_its_dead_predecessors_leases_at_
     assert await store.acquire_lease("x", keeper.owner, ttl)
     other = LeaseKeeper(store, owner=f"{socket.gethostname()}/99999999", ttl=ttl)
     assert not other._free({"owner": keeper.owner, "live": True})
+
+
+async def test_after_an_outage_the_first_round_takes_back_only_its_own(store):
+    """Every heartbeat lapsed during the outage: the first instance back must not grab every source."""
+    keeper = LeaseKeeper(store, owner="a", ttl=TTL)
+    for s in ("s0", "s1", "s2", "s3"):
+        keeper.want(s)
+    # s0 and s1 were a's, s2 and s3 b's; all four leases expired while MongoDB was away.
+    for s, owner in (("s0", "a"), ("s1", "a"), ("s2", "b"), ("s3", "b")):
+        assert await store.acquire_lease(s, owner, -TTL)
+    keeper.healthy = False  # the last round failed
+    await keeper.tick()
+    assert set(keeper.held) == {"s0", "s1"}
+    keeper.healthy = True
+    await keeper.tick()  # b did not come back: now its sources are anyone's
+    assert set(keeper.held) == {"s0", "s1", "s2", "s3"}

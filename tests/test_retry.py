@@ -63,3 +63,11 @@ def test_parking_after_a_long_run_of_refusals():
     assert not POLICY.parks(now - timedelta(days=2, hours=23), now)
     assert POLICY.parks(now - timedelta(days=3), now)
     assert not retry.RetryPolicy(park_after=None).parks(now - timedelta(days=300), now)
+
+
+def test_mongodb_unreachable_is_an_outage_not_a_bug():
+    import pymongo.errors
+
+    assert retry.classify(pymongo.errors.ServerSelectionTimeoutError("127.0.0.1:27017: connection refused")) == retry.UNAVAILABLE
+    assert retry.classify(pymongo.errors.AutoReconnect("connection reset")) == retry.UNAVAILABLE
+    assert retry.classify(pymongo.errors.OperationFailure("not authorized")) == retry.ERROR

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import bson
+import pymongo.errors
 
 from .admin import AdminMixin
 from .base import now_utc
@@ -28,6 +29,9 @@ from .memory import patch_mongomock
 from .quarantine import QuarantineMixin
 from .records import BatchResult, RecordsMixin
 from .verify import VerifyMixin
+
+# The driver's errors that mean "the server cannot be reached now" (an outage, retried), for code outside the store.
+UNREACHABLE: tuple[type[BaseException], ...] = (pymongo.errors.ConnectionFailure, pymongo.errors.ServerSelectionTimeoutError)
 
 
 class Store(RecordsMixin, CoordinationMixin, AdminMixin, QuarantineMixin, VerifyMixin):
@@ -48,4 +52,4 @@ def id_variants(text: Any) -> list[Any]:
     return out
 
 
-__all__ = ["BatchResult", "Store", "id_variants", "now_utc", "patch_mongomock"]
+__all__ = ["UNREACHABLE", "BatchResult", "Store", "id_variants", "now_utc", "patch_mongomock"]
