@@ -128,6 +128,9 @@ class Runner:
         # Upkeep after a pass that caught up (quarantine retries, scheduled verify): upkeep.PassUpkeep.
         self.after_pass = after_pass
         self.status: dict[str, SourceStatus] = {}
+        # Errors whose status document could not be written (MongoDB itself was down): written
+        # when it answers again, even if the source has moved to another instance meanwhile.
+        self._unsaved_errors: dict[str, tuple[str, datetime]] = {}
         self._workers: dict[str, _Worker] = {}
         self._stop = asyncio.Event()
         self._running = False
@@ -208,6 +211,7 @@ class Runner:
         """Run every source; True when none failed on its last attempt."""
         self._running = True
         keeper = asyncio.create_task(self.leases.run(), name="leases") if self.leases is not None else None
+        flusher = asyncio.create_task(self._flush_errors_every(1.0), name="unsaved-errors") if self._keeps_status else None
         for worker in self._workers.values():
             self._start(worker)
         clean = False
@@ -225,6 +229,11 @@ class Runner:
             if not clean:
                 # Cancelled (the process is dying) or past the deadline: leases are left to expire, like a crash.
                 await self._cancel_workers()
+            if flusher is not None:
+                flusher.cancel()
+                await asyncio.gather(flusher, return_exceptions=True)
+                if clean:
+                    await self._flush_errors()
             if keeper is not None:
                 keeper.cancel()
                 await asyncio.gather(keeper, return_exceptions=True)
@@ -612,6 +621,25 @@ class Runner:
             await self.sink.save_source_status(worker.name, fields)  # type: ignore[attr-defined]
         except Exception as exc:
             log.warning("status_not_saved", source=worker.name, error=describe(exc))
+            if status.recent_error is not None and status.last_error_at is not None:
+                self._unsaved_errors[worker.name] = (status.recent_error, status.last_error_at)
+        else:
+            self._unsaved_errors.pop(worker.name, None)
+
+    async def _flush_errors_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await self._flush_errors()
+
+    async def _flush_errors(self) -> None:
+        """Write the errors MongoDB could not take when they happened (only where nothing newer is there)."""
+        for source, (error, at) in list(self._unsaved_errors.items()):
+            try:
+                await self.sink.save_error(source, error, at)  # type: ignore[attr-defined]
+            except Exception:
+                return  # still down: the next round tries again
+            if self._unsaved_errors.get(source) == (error, at):
+                del self._unsaved_errors[source]
 
 
 def _problems(connector: Connector) -> dict[str, str]:

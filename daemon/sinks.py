@@ -36,6 +36,8 @@ class KeepsStatus(Protocol):
 
     async def load_source_status(self, source: str) -> dict[str, Any] | None: ...
 
+    async def save_error(self, source: str, error: str, at: Any) -> None: ...
+
 
 class StoreSink:
     """Batches into MongoDB: records, then histories, and what could not be read into quarantine."""
@@ -77,6 +79,9 @@ class StoreSink:
 
     async def load_source_status(self, source: str) -> dict[str, Any] | None:
         return await self.store.source_status(source)
+
+    async def save_error(self, source: str, error: str, at: Any) -> None:
+        await self.store.save_source_error(source, error, at)
 
 
 class DryRunSink:

@@ -194,11 +194,6 @@ async def _saved_after_recovery(store):
     return doc is not None and doc.get("consecutive_failures") == 0 and doc.get("last_success") is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="runner: a failure an instance could not save while MongoDB was down is lost when its source went to another instance meanwhile",
-)
 async def test_a_failure_is_in_the_status_even_when_the_source_changed_hands_during_the_outage(memory_store):
     # a works s; MongoDB goes away for a (its keeper and its sink); s fails there and the
     # failure cannot be saved; a's lease runs out and b takes s. Once MongoDB is back for

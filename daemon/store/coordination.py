@@ -77,6 +77,17 @@ class CoordinationMixin(StoreBase):
         """Merge ``fields`` into the status document of ``source``."""
         await self.db[SOURCE_STATUS].update_one({"_id": source}, {"$set": {**fields, "updated_at": now_utc()}}, upsert=True)
 
+    async def save_source_error(self, source: str, error: str, at: datetime) -> None:
+        """Record ``error`` as the source's last error unless a newer one is there already."""
+        try:
+            await self.db[SOURCE_STATUS].update_one(
+                {"_id": source, "$or": [{"last_error_at": {"$lt": at}}, {"last_error_at": None}]},
+                {"$set": {"last_error": error, "last_error_at": at}},
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            pass  # a newer error is recorded: the upsert of ours collided with it
+
     async def source_status(self, source: str) -> dict[str, Any] | None:
         """The status document of ``source``, if it has one."""
         return await self.db[SOURCE_STATUS].find_one({"_id": source})
