@@ -36,7 +36,7 @@ _PARTICIPANT = {
 _SOURCE = {
     "bsonType": "object",
     "required": ["kind", "source"],
-    "properties": {"kind": {"bsonType": "string"}, "source": {"bsonType": "string"}},
+    "properties": {"kind": {"bsonType": "string"}, "source": {"bsonType": "string"}, "gone_at": {"bsonType": "date"}},
 }
 
 _ATTACHMENT = {
@@ -82,6 +82,10 @@ _RECORD_SCHEMA: dict[str, Any] = {
         "subject": {"bsonType": _STR_OR_NULL},
         "content": {"bsonType": _STR_OR_NULL},
         "content_truncated": {"bsonType": "bool"},
+        "subject_truncated": {"bsonType": "bool"},
+        "participants_truncated": {"bsonType": "bool"},
+        "references_truncated": {"bsonType": "bool"},
+        "attachments_truncated": {"bsonType": "bool"},
         "message_id": {"bsonType": _STR_OR_NULL},
         "in_reply_to": {"bsonType": _STR_OR_NULL},
         "references": {"bsonType": "array", "items": {"bsonType": "string"}},
@@ -91,7 +95,7 @@ _RECORD_SCHEMA: dict[str, Any] = {
         "parse_defects": {"bsonType": "array", "items": {"bsonType": "string"}},
         "automated": {"bsonType": "bool"},
         "automated_by": {"bsonType": "array", "items": {"bsonType": "string"}},
-        # May be empty: a folder's new UIDVALIDITY voids old entries before the re-read adds new ones.
+        # Entries of items no longer where they were seen carry gone_at; none is ever removed.
         "sources": {"bsonType": "array", "items": _SOURCE},
         "ingested_at": {"bsonType": "date"},
         "call": {"bsonType": "object"},
