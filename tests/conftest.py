@@ -24,6 +24,7 @@ from commsync.daemon.store import Store, patch_mongomock
 
 from dovecot import dovecot, imap_user  # noqa: F401  (session Dovecot and a fresh user per test)
 from mongo_server import EXTERNAL_URI, MongoTestServer, is_secantus, server_binary
+from sinks import Shared
 
 # The test double, not the product's driver, bends: mongomock 4.3's bulk builder
 # rejects the `sort` keyword that pymongo >= 4.11 passes for UpdateOne/ReplaceOne.
@@ -114,19 +115,6 @@ async def memory_store():
     await s.ensure_indexes()
     yield s
     s.close()
-
-
-class Shared:
-    """One store for every command of a test (mongomock keeps its data in the client)."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def __getattr__(self, name):
-        return getattr(self.store, name)
-
-    def close(self):
-        pass
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Store sinks for tests: one that remembers each batch, one that dies mid-run."""
+"""Store helpers for tests: a sink that remembers each batch, one that dies mid-run, a store shared by CLI commands."""
 
 from __future__ import annotations
 
@@ -38,3 +38,16 @@ class CrashingSink(CountingSink):
             raise RuntimeError("injected: died after storing, before the checkpoint")
         self.saved += 1
         await super().save_checkpoint(source, stream, checkpoint)
+
+
+class Shared:
+    """One store for every command of a test (mongomock keeps its data in the client)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def close(self):
+        pass

@@ -15,6 +15,7 @@ from commsync.daemon.store import Store
 
 from records import T0, email_record
 from seed import ALICE, seed
+from sinks import Shared
 
 
 class Run:
@@ -202,18 +203,6 @@ def test_main_runs_a_command_with_an_injected_store(db_config, tmp_path, capsys,
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps({"mongodb": db_config, "log_level": "warning"}))
     store = Store.connect(db_config["uri"], db_config["database"])
-
-    class Shared:
-        """The test's store, kept open across the commands (the handler closes what it opened)."""
-
-        def __init__(self, store):
-            self.store = store
-
-        def __getattr__(self, name):
-            return getattr(self.store, name)
-
-        def close(self):
-            pass
 
     import asyncio
 
