@@ -7,7 +7,9 @@ import io
 import json
 import os
 import queue
+import re
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -318,6 +320,64 @@ async def test_an_unusable_resume_file_exits_1(db, watches, tmp_path):
         w = watches(config, "--resume-file", str(resume))
         assert w.wait() == 1
         assert says in w.error_text()
+
+
+# -- the documented consumer -------------------------------------------------------------------
+
+
+def _documented_consumer() -> str:
+    text = (Path(__file__).resolve().parent.parent / "daemon" / "README.md").read_text(encoding="utf-8")
+    found = re.search(r'```python\n(#!/usr/bin/env python3\n"""crm-sync.*?)```', text, re.S)
+    assert found, "daemon/README.md no longer shows the crm-sync example"
+    return found.group(1)
+
+
+def _contacts(path: Path) -> dict[str, tuple]:
+    if not path.exists():
+        return {}
+    try:
+        with sqlite3.connect(path) as db:
+            return {row[0]: row[1:] for row in db.execute("SELECT id, channel, customers, subject FROM contacts")}
+    except sqlite3.OperationalError:  # the table is not there yet, or the consumer holds the lock
+        return {}
+
+
+async def test_the_documented_crm_consumer_stays_equal_to_records_across_a_restart(db, tmp_path):
+    store, config = db
+    await store.upsert_customers([{"_id": "cust-7", "emails": ["alice@example.com"]}], origin="test")
+    script = tmp_path / "crm-sync"
+    script.write_text(_documented_consumer())
+    crm, resume = tmp_path / "contacts.db", tmp_path / "watch.resume"
+    pipeline = f"{COMMSYNC} watch --json -c {config} --resume-file {resume} | {sys.executable} {script}"
+
+    def start() -> subprocess.Popen:
+        # Its own process group: SIGTERM to the group is what systemd's KillMode=control-group does.
+        return subprocess.Popen(
+            ["bash", "-o", "pipefail", "-c", pipeline], env={**os.environ, "CRM_DB": str(crm)}, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+
+    def stop(proc: subprocess.Popen) -> str:
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)  # until both sides have closed stderr
+        return err
+
+    proc = start()
+    try:
+        await eventually(resume.exists, what="commsync watch started")
+        await store.write_batch([email_record("r1"), email_record("r2", "bob@example.com")])
+        await store.write_batch([email_record("r1", source="support")])
+        await admin.delete(store, {"_id": "r2"})
+        await eventually(lambda: _contacts(crm) == {"r1": ("email", "cust-7", "subject r1")}, what="the CRM table follows")
+        assert '"watch_stopped"' in stop(proc)
+
+        await store.write_batch([email_record("r3")])  # while it is down
+        proc = start()
+        await eventually(lambda: set(_contacts(crm)) == {"r1", "r3"}, what="the missed record applied")
+        assert '"watch_stopped"' in stop(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # -- no change streams -------------------------------------------------------------------------
