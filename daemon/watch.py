@@ -149,15 +149,15 @@ class Follower:
 
     async def run(self, token: Mapping[str, Any] | None) -> None:
         """Until ``stop`` is set; raises what cannot be retried (see `Store.record_changes`)."""
-        attempt = 0
+        attempt, opened = 0, False
         last_save = time.monotonic()
         self._saved = token
         try:
             while not self.stop.is_set():
                 try:
                     async with self.store.record_changes(token, wait=WAIT) as changes:
-                        log.info("watch_started" if attempt == 0 else "watch_resumed", resumed=token is not None, database=self.store.db.name)
-                        attempt = 0
+                        log.info("watch_resumed" if opened else "watch_started", resumed=token is not None, database=self.store.db.name)
+                        attempt, opened = 0, True
                         if token is None and changes.token is not None:
                             # From now on: a restart begins here even if nothing arrives before it.
                             token = changes.token
@@ -193,13 +193,16 @@ class Follower:
 
 
 async def watch_command(settings: Settings, args: Any) -> int:
-    """`commsync watch`: 0 after a stop request, 1 when the stream cannot go on, 2 without change streams."""
+    """`commsync watch`: 0 after a stop request, 1 when the stream cannot go on, 2 without change streams or a writable resume file."""
     m = settings.mongodb
     if m.uri.startswith("memory://"):
         return _fail(2, NEEDS_REPLICA_SET.format(why="mongodb.uri is memory:// (mongomock), which has no change streams"))
     resume = ResumeFile(args.resume_file, m.database) if args.resume_file else None
     token = None
     if resume is not None:
+        if not os.access(resume.path.parent, os.W_OK | os.X_OK):
+            # Found out now rather than after the first line, whose position could not be kept.
+            return _fail(2, f"resume file {resume.path}: cannot write to {resume.path.parent}")
         try:
             token = resume.load()
         except ValueError as exc:

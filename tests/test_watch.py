@@ -380,6 +380,15 @@ async def test_the_documented_crm_consumer_stays_equal_to_records_across_a_resta
             proc.wait()
 
 
+def test_a_resume_file_in_a_missing_directory_exits_2_before_watching(tmp_path):
+    config = tmp_path / "commsync.yaml"
+    config.write_text(json.dumps({"mongodb": {"uri": "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=100"}}))
+    resume = tmp_path / "gone" / "watch.resume"
+    done = subprocess.run([str(COMMSYNC), "watch", "-c", str(config), "--resume-file", str(resume)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"cannot write to {resume.parent}" in done.stderr
+
+
 # -- no change streams -------------------------------------------------------------------------
 
 
@@ -464,6 +473,26 @@ async def test_changes_written_during_an_outage_arrive_after_it(mongodb, tmp_pat
             w.stop()
         finally:
             store.close()
+
+
+async def test_a_server_down_at_start_is_waited_for(mongodb, tmp_path, watches):
+    if mongodb.server is None:
+        pytest.skip("COMMSYNC_TEST_MONGODB_URI names an external server: the tests cannot start one late")
+    server = MongoTestServer()  # not started yet
+    try:
+        w = watches(_config(tmp_path, server.uri, "late"), "--json")
+        await w.event("watch_interrupted")
+        server.start()
+        await w.event("watch_started", timeout=60)
+        store = Store.connect(server.uri, "late", timeout_ms=30_000)
+        try:
+            await store.write_batch([email_record("r1")])
+            assert [c["_id"] for c in await w.changes(1)] == ["r1"]
+        finally:
+            store.close()
+        assert w.stop() == 0
+    finally:
+        server.close()
 
 
 # -- pieces ------------------------------------------------------------------------------------
