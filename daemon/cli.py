@@ -17,7 +17,7 @@ from commsync.config import ConfigError, Settings, load_settings
 from commsync.connectors.base import check_steps
 from commsync.connectors.mbox import MboxConnector
 
-from . import admin_cli, app, auth_cli, logs, service, sources_cli, status, verify
+from . import admin_cli, app, auth_cli, logs, service, sources_cli, status, verify, watch
 from .progress import Progress
 from .runner import DryRunSink, Runner, StoreSink
 from .text import describe
@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     admin_cli.register(sub, with_config)
     verify.register(sub, with_config)
     sources_cli.register(sub, with_config)
+    watch.register(sub, with_config)
 
     auth = sub.add_parser("auth", help="OAuth2 sign-in for mailboxes that use a refresh token")
     auth_sub = auth.add_subparsers(dest="auth_command", required=True)

@@ -4,7 +4,8 @@
 the connection, collections, indexes, validators and checkpoints (base.py);
 the capture path, records and histories (records.py); leases, instances and
 source status (coordination.py); what the admin commands read and write
-(admin.py); quarantine (quarantine.py). ``memory://`` runs it on the mongomock
+(admin.py); quarantine (quarantine.py); change streams on records for
+`commsync watch` (events.py). ``memory://`` runs it on the mongomock
 double (memory.py). Switching from motor to PyMongo's async client is a change
 in this package alone.
 
@@ -25,6 +26,16 @@ import pymongo.errors
 from .admin import AdminMixin
 from .base import now_utc
 from .coordination import CoordinationMixin
+from .events import (
+    Change,
+    ChangesInterrupted,
+    ChangeStreamsUnsupported,
+    EventsMixin,
+    RecordsInvalidated,
+    ResumePointLost,
+    token_from_json,
+    token_json,
+)
 from .memory import patch_mongomock
 from .quarantine import QuarantineMixin
 from .records import BatchResult, RecordsMixin
@@ -34,8 +45,8 @@ from .verify import VerifyMixin
 UNREACHABLE: tuple[type[BaseException], ...] = (pymongo.errors.ConnectionFailure, pymongo.errors.ServerSelectionTimeoutError)
 
 
-class Store(RecordsMixin, CoordinationMixin, AdminMixin, QuarantineMixin, VerifyMixin):
-    """Records, histories, checkpoints, coordination and quarantine in one MongoDB database."""
+class Store(RecordsMixin, CoordinationMixin, AdminMixin, QuarantineMixin, VerifyMixin, EventsMixin):
+    """Records, histories, checkpoints, coordination, quarantine, verification and change streams in one MongoDB database."""
 
 
 def id_variants(text: Any) -> list[Any]:
@@ -52,4 +63,18 @@ def id_variants(text: Any) -> list[Any]:
     return out
 
 
-__all__ = ["UNREACHABLE", "BatchResult", "Store", "id_variants", "now_utc", "patch_mongomock"]
+__all__ = [
+    "UNREACHABLE",
+    "BatchResult",
+    "Change",
+    "ChangeStreamsUnsupported",
+    "ChangesInterrupted",
+    "RecordsInvalidated",
+    "ResumePointLost",
+    "Store",
+    "id_variants",
+    "now_utc",
+    "patch_mongomock",
+    "token_from_json",
+    "token_json",
+]
