@@ -3,7 +3,8 @@
 The root filesystem is built once with debootstrap (minbase plus systemd,
 python3, python3-venv, ca-certificates, procps and jq) from the mirror apt
 already uses, with this machine's extra CA certificates and ``/etc/pip.conf``
-copied in so pip works inside. It is cached under ``/var/cache/commsync-tests``
+copied in so pip works inside (pip's other configuration files and the local
+wheel and index directories they name are bound in read-only at each boot). It is cached under ``/var/cache/commsync-tests``
 (``$COMMSYNC_NSPAWN_CACHE``) in a directory named by a hash of everything that
 goes into it; a change of any input builds a new one and removes the old.
 
@@ -18,6 +19,7 @@ Run ``python tests/nspawn.py build`` to build (or find) the tree by hand.
 
 from __future__ import annotations
 
+import configparser
 import fcntl
 import hashlib
 import json
@@ -39,8 +41,11 @@ MASKED = ("apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", 
 RECIPE = 1  # bump when the build steps below change
 TOOLS = ("systemd-nspawn", "debootstrap", "nsenter")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# pip's machine-wide configuration, bound read-only into the container as it is here.
-PIP_DIRS = ("/etc/xdg/pip",)
+# pip's configuration here, bound read-only into the container at the same paths, with the
+# local wheel and index directories it names (/etc/pip.conf itself is copied into the tree).
+PIP_CONFIGS = ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", "/root/.config/pip/pip.conf", "/root/.pip/pip.conf")
+PIP_DIRS = ("/etc/xdg/pip", "/root/.config/pip", "/root/.pip")
+PIP_PATH_KEYS = ("find-links", "index-url", "extra-index-url", "constraint")
 
 
 class Unavailable(RuntimeError):
@@ -78,6 +83,27 @@ def mirror() -> str:
                     if len(words) >= 2 and words[1] == SUITE:
                         return words[0]
     return "http://deb.debian.org/debian"
+
+
+def pip_binds() -> list[Path]:
+    """pip's configuration directories and the local paths its files name, as far as they exist."""
+    found = {Path(d) for d in PIP_DIRS if Path(d).is_dir()}
+    for conf in map(Path, PIP_CONFIGS):
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(conf)
+        except (OSError, configparser.Error):
+            continue
+        for section in parser.sections():
+            for key in PIP_PATH_KEYS:
+                for word in parser.get(section, key, fallback="").split():
+                    path = Path(word.removeprefix("file://"))
+                    if path.name == "simple":
+                        path = path.parent  # a local index's pages link to ../files/*.whl
+                    if path.is_absolute() and path.exists():
+                        found.add(path)
+    # A path inside another one is bound with it.
+    return sorted(p for p in found if not any(o != p and o in p.parents for o in found))
 
 
 def _extra_ca_certs() -> list[Path]:
@@ -162,7 +188,7 @@ class Container:
         self._proc: subprocess.Popen | None = None
 
     def boot(self, timeout: float = 60.0) -> Container:
-        binds = [f"--bind-ro={d}" for d in PIP_DIRS if Path(d).is_dir()]
+        binds = [f"--bind-ro={p}" for p in pip_binds()]
         cmd = ["systemd-nspawn", "-q", "-D", str(self.root), "-b", "-M", self.name, "--register=no", "--keep-unit", "--volatile=overlay", *binds]
         with open(self.log_path, "wb") as console:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
