@@ -76,8 +76,9 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
             structlog.processors.JSONRenderer(),
         ]
     else:
-        # Not the default formatter: with rich or better_exceptions installed it prints locals.
-        processors += [structlog.dev.set_exc_info, structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)]
+        # rich's traceback, as by default, but without the locals it prints by default.
+        formatter = structlog.dev.RichTracebackFormatter(show_locals=False)
+        processors += [structlog.dev.set_exc_info, structlog.dev.ConsoleRenderer(exception_formatter=formatter)]
     if stderr_is_journal():
         processors.append(_journal_priority)
     structlog.configure(
