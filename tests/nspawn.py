@@ -6,7 +6,8 @@ already uses, with this machine's extra CA certificates and ``/etc/pip.conf``
 copied in so pip works inside (pip's other configuration files and the local
 wheel and index directories they name are bound in read-only at each boot). It is cached under ``/var/cache/commsync-tests``
 (``$COMMSYNC_NSPAWN_CACHE``) in a directory named by a hash of everything that
-goes into it; a change of any input builds a new one and removes the old.
+goes into it; a change of any input builds a new one, and trees unused for a
+week are removed.
 
 Each ``Container`` boots that tree with ``--volatile=overlay``: everything it
 writes goes to a tmpfs above the cached tree, which stays untouched, so every
@@ -137,7 +138,9 @@ def rootfs(log=print) -> Path:
     root = CACHE / f"{SUITE}-{cache_key()}"
     with open(CACHE / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs at once build it once
+        _prune(keep=root)
         if (root / ".complete").exists():
+            (root / ".complete").touch()  # in use: see _prune
             return root
         started = time.monotonic()
         log(f"nspawn: building {root} from {mirror()} (cached for later runs)")
@@ -146,11 +149,19 @@ def rootfs(log=print) -> Path:
         _build(tmp)
         (tmp / ".complete").write_text(f"built in {time.monotonic() - started:.0f} s\n")
         tmp.rename(root)
-        for old in CACHE.glob(f"{SUITE}-*"):
-            if old != root:
-                shutil.rmtree(old, ignore_errors=True)
         log(f"nspawn: built {root} in {time.monotonic() - started:.0f} s")
     return root
+
+
+def _prune(keep: Path, days: float = 7) -> None:
+    """Remove trees of other inputs unused for ``days`` (another checkout may be booting one).
+
+    Called under the build lock, so a tree without its marker is a build that died.
+    """
+    for other in CACHE.glob(f"{SUITE}-*"):
+        marker = other / ".complete"
+        if other != keep and (not marker.exists() or time.time() - marker.stat().st_mtime > days * 86400):
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _build(tmp: Path) -> None:
