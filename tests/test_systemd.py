@@ -165,7 +165,7 @@ class Service:
         """(Re)start, then wait until every source has started (taken its lease).
 
         `systemctl restart` returns at READY=1 (Type=notify); the leases come a moment
-        later, and a stop in that moment leaves one behind (see the report).
+        later, and a test that stops the service must not race them.
         """
         before = self.box.cursor()
         self.systemctl(*verb.split(), UNIT)
@@ -409,8 +409,7 @@ class TestUnderSystemd:
             killed = [line for line in service.systemd_lines(before) if "Killing process" in line or "left-over process" in line]
             if killed or props["Result"] != "success":
                 leftovers.append((parse_first, killed, props["Result"]))
-        if leftovers:
-            pytest.xfail(f"needs the parse-pool shutdown fix from branch mail: {leftovers}")
+        assert leftovers == []
 
     def test_exposure_stays_at_or_below_its_value(self, service, machine):
         out = machine.run(f"systemd-analyze security {UNIT} --no-pager", check=False).stdout
