@@ -2,7 +2,9 @@
 
 Files are read when the secret is needed, not only at start, so a rotated
 password is picked up at the next login. Relative file names are looked up in
-systemd's ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``) when it is set;
+systemd's ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``) when it is set,
+under their own name or as ``commsync_NAME``, the name systemd gives each file
+of the directory the unit loads (``LoadCredential=commsync:/etc/commsync/credentials``);
 outside the service (an admin running ``commsync check`` by hand) in the
 working directory, then in ``/etc/commsync/credentials``, where the
 LoadCredential= lines point, so the same config works both ways.
@@ -21,8 +23,10 @@ class SecretError(ValueError):
     """A configured secret cannot be read."""
 
 
-# Where install.sh keeps the files the unit's LoadCredential= lines name.
+# Where install.sh keeps the files the unit's LoadCredential= line loads.
 CREDENTIALS_FALLBACK = Path(os.environ.get("COMMSYNC_CREDENTIALS_DIR", "/etc/commsync/credentials"))
+# systemd names each file of a directory credential ID_FILE (sub/dir/file: ID_sub_dir_file).
+DIRECTORY_CREDENTIAL_PREFIX = "commsync_"
 
 
 def credential_path(path: Path) -> Path:
@@ -31,7 +35,9 @@ def credential_path(path: Path) -> Path:
         return path
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds:
-        return Path(creds) / path
+        own = Path(creds) / path  # a LoadCredential=NAME:FILE line of its own
+        loaded = Path(creds) / (DIRECTORY_CREDENTIAL_PREFIX + "_".join(path.parts))
+        return own if own.exists() or not loaded.exists() else loaded
     if path.exists() or not (CREDENTIALS_FALLBACK / path).exists():
         return path
     return CREDENTIALS_FALLBACK / path
@@ -49,7 +55,11 @@ def read_secret(inline: SecretStr | None, file: Path | None, env: str | None) ->
             # One trailing newline is an artefact of `echo > file`, not the secret.
             return _not_empty(path.read_text(encoding="utf-8").rstrip("\r\n"), str(path))
         except OSError as exc:
-            raise SecretError(f"cannot read {path}: {exc.strerror or exc}") from None
+            hint = ""
+            if isinstance(exc, FileNotFoundError) and os.environ.get("CREDENTIALS_DIRECTORY"):
+                # Found by hand but not here: the file was added after the service started.
+                hint = "; systemd hands credentials over at start: restart the service after adding or changing one"
+            raise SecretError(f"cannot read {path}: {exc.strerror or exc}{hint}") from None
     if env is not None:
         value = os.environ.get(env)
         if value is None:
@@ -67,7 +77,6 @@ def _not_empty(value: str, where: str) -> str:
 def check_secret(inline: SecretStr | None, file: Path | None, env: str | None) -> None:
     """Fail now, at load time, if the secret could not be read later, or is empty."""
     read_secret(inline, file, env)
-
 
 
 def state_path(path: Path) -> Path:

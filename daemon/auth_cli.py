@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -58,7 +60,7 @@ async def login_command(settings: Settings, args: Any) -> int:
     try:
         refresh_token = await asyncio.to_thread(sign_in, mailbox, sys.stdout)
         path = state_path(auth.refresh_token_file)
-        write_secret_file(path, refresh_token)
+        save_refresh_token(path, refresh_token)
     except (SignInError, TokenUnavailable) as exc:
         print(f"commsync: sign-in for {mailbox.name} failed: {exc}", file=sys.stderr)
         return 1
@@ -68,6 +70,20 @@ async def login_command(settings: Settings, args: Any) -> int:
     log.info("refresh_token_saved", source=mailbox.name, file=str(path))
     print(f"Saved the refresh token for {mailbox.name} to {path} (mode 0600). Next: commsync check")
     return 0
+
+
+def save_refresh_token(path: Path, token: str) -> None:
+    """Write ``token`` to ``path`` (0600, atomically), owned by whoever owns its directory.
+
+    Run by root into the service's state directory (owned by its dynamic user),
+    the file must become the service's: systemd re-owns the directory at start
+    only when the directory itself has the wrong owner, not what root put in it.
+    """
+    write_secret_file(path, token)
+    if os.geteuid() == 0:
+        directory = path.parent.stat()
+        if directory.st_uid != 0:
+            os.chown(path, directory.st_uid, directory.st_gid)
 
 
 def sign_in(mailbox: MailboxConfig, out: TextIO, *, browse: Callable[[str], Any] | None = None) -> str:

@@ -26,8 +26,9 @@ python3 -m venv "$prefix/venv"
 "$prefix/venv/bin/pip" install --quiet "$repo"
 
 # The service runs as a dynamic user: it reads its config (world-readable
-# directory, file 0644 without secrets) and gets secrets only through
-# LoadCredential=, so the credentials directory stays root-only.
+# directory, file 0644 without secrets) and gets secrets only through the
+# unit's LoadCredential= of the credentials directory, which stays root-only
+# (and must exist: the service does not start without it).
 install -d -m 0755 "$etc"
 install -d -m 0700 "$etc/credentials"
 if [ ! -e "$etc/commsync.yaml" ]; then
@@ -50,9 +51,8 @@ cat <<EOF
 install.sh: installed. Next:
   1. edit $etc/commsync.yaml (mailboxes, MongoDB)
   2. for each secret: install -m 0600 /dev/stdin $etc/credentials/NAME <<<'the-secret'
-     then 'systemctl edit commsync' and add under [Service]:
-       LoadCredential=NAME:$etc/credentials/NAME
-     and in the YAML: password_file: NAME
+     and in the YAML: password_file: NAME (the service sees every file there;
+     after adding or changing one later: systemctl restart commsync)
   3. $prefix/venv/bin/commsync check -c $etc/commsync.yaml
   4. systemctl enable --now commsync; systemctl status commsync; journalctl -u commsync -f
 EOF
