@@ -231,8 +231,9 @@ class MailboxConfig(_Model):
     password_file: Path | None = Field(
         default=None,
         description=(
-            "A file holding the password, re-read at each login so rotation works. A relative name is looked up in "
-            "`$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`); run by hand, in the working directory, then `/etc/commsync/credentials`."
+            "A file holding the password, re-read at each login. A relative name is looked up in `$CREDENTIALS_DIRECTORY` "
+            "(systemd `LoadCredential=`, copied at start: a rotated file reaches the service with `systemctl restart`); "
+            "run by hand, in the working directory, then `/etc/commsync/credentials`."
         ),
     )
     password_env: str | None = Field(default=None, description="An environment variable holding the password.")
