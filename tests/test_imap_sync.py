@@ -190,6 +190,21 @@ async def test_tls_is_verified_by_default(dovecot, imap_user, memory_store):
     assert await memory_store.records.count_documents({}) == 1
 
 
+async def test_mailboxes_share_one_tls_context(dovecot):
+    """Loading the CA bundle costs about 1 MB per context: a hundred mailboxes must not each pay it."""
+    users = [dovecot.new_user("tls") for _ in range(3)]
+    tls = {"security": "tls", "port": dovecot.tls_port, "ca_file": dovecot.ca_file, "folders": ["INBOX"]}
+    connectors = app.build_connectors(settings_for(dovecot, *users, **tls), None)
+    try:
+        for connector in connectors:
+            await connector.check()
+        contexts = {id(c._client.socket().context) for c in connectors}
+        assert len(contexts) == 1
+    finally:
+        for connector in connectors:
+            await connector.aclose()
+
+
 async def test_wrong_password_fails_that_mailbox_only(dovecot, memory_store):
     good, bad = dovecot.new_user("good"), dovecot.new_user("bad")
     dovecot.append(good.name, "INBOX", message(1))
