@@ -169,10 +169,14 @@ async def _repair(connector: Any, store: Any, stream: str, checkpoint: Mapping[s
         return 0
     sink = StoreSink(store)
     stored = 0
+    touched: set[Any] = set()
     async for batch in connector.refetch(stream, checkpoint, [(i, scope) for i in report.missing_ids]):
         # The normal path, without a checkpoint: the stream's position does not move.
         result = await sink.write(connector.name, batch)
         stored += result.records
+        touched.update(result.touched)
+    # The records went behind commsync's back, so their customers' histories still counted them: recount.
+    await store.refresh_history(touched)
     log.info("stream_repaired", source=connector.name, stream=stream, fetched=len(report.missing_ids), stored=stored)
     return stored
 

@@ -1,4 +1,4 @@
-"""Records and customer histories: a batch's reads, its upserts, and the history refresh."""
+"""The capture path: a batch's reads, its upserts and their histories (see histories.py); matching, tombstones, customers."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from typing import Any
 import bson
 import pymongo.errors
 import structlog
-from pymongo import DeleteOne, ReplaceOne, UpdateOne
+from pymongo import ReplaceOne, UpdateOne
 
 from commsync.connectors.base import MalformedItem
 
-from .. import capture, history, matching, policy, schema
+from .. import capture, matching, policy, schema
 from ..text import cut
 from . import memory
-from .base import HISTORY, REVISIONS, StoreBase, now_utc
+from .base import HISTORY, REVISIONS, now_utc
+from .histories import HistoryMixin, Retry, as_stored
 
 log = structlog.get_logger(__name__)
 
@@ -40,9 +41,11 @@ class BatchResult:
     quarantined: int = 0
     # Ids of the batch's records the server refused (they are in quarantine).
     refused: tuple[Any, ...] = ()
+    # The customers whose records the batch wrote (before or after): `customers` of them.
+    touched: tuple[Any, ...] = ()
 
 
-class RecordsMixin(StoreBase):
+class RecordsMixin(HistoryMixin):
     """The capture path of the store."""
 
     async def write_batch(
@@ -97,13 +100,19 @@ class RecordsMixin(StoreBase):
         if plan.create:
             await self.create_customers(plan.create)
         ops, oversized = self._upserts(plan, now)
-        inserted, refused = await self._bulk_upsert(ops)
+        deltas = await self.uses_transactions()
+        if deltas:
+            inserted, refused = await self._upsert_keeping_history(ops)
+        else:
+            inserted, refused = await self._bulk_upsert(ops)
         refused += oversized
         if refused:
             quarantined += await self.quarantine_records(source, stream, refused)
-        await self.refresh_history(plan.touched)
+        if not deltas:
+            await self.refresh_history(plan.touched)
         refused_ids = tuple(record["_id"] for record, _ in refused)
-        return BatchResult(len(ops) - len(refused) + len(oversized), inserted, len(plan.touched), plan.dropped, quarantined, refused_ids)
+        stored = len(ops) - len(refused) + len(oversized)
+        return BatchResult(stored, inserted, len(plan.touched), plan.dropped, quarantined, refused_ids, tuple(plan.touched))
 
     def _upserts(self, plan: capture.Plan, now: Any) -> tuple[list[UpdateOne], list[tuple[dict[str, Any], str]]]:
         ops, oversized = [], []
@@ -137,15 +146,45 @@ class RecordsMixin(StoreBase):
         except pymongo.errors.BulkWriteError as exc:
             # Never log exc or its details: they hold the documents themselves.
             details = exc.details
-            refused = []
-            for err in details.get("writeErrors", ()):
-                op = ops[err["index"]]
-                doc = {"_id": op._filter["_id"], **op._doc["$set"], "sources": op._doc["$addToSet"]["sources"]["$each"]}
-                refused.append((doc, f"server refused the record (code {err.get('code')}: {cut(str(err.get('errmsg', '')), 200)})"))
+            refused = _refused(ops, details.get("writeErrors", ()))
             if details.get("writeConcernErrors"):
                 raise
-            log.warning("records_refused", records=[d["_id"] for d, _ in refused][:20], count=len(refused))
             return int(details.get("nUpserted", 0)), refused
+
+    async def _upsert_keeping_history(self, ops: list[UpdateOne]) -> tuple[int, list[tuple[dict[str, Any], str]]]:
+        """The records' bulk upsert and what it changes in histories, one transaction; (inserted, the records refused).
+
+        A write error aborts a transaction: the records the server refused
+        leave the batch and the transaction runs again without them (one
+        more attempt per refusal on MongoDB, which stops at the first).
+        """
+        refused: list[tuple[dict[str, Any], str]] = []
+        while ops:
+            try:
+                async with self._history_lock:
+                    return await self.in_transaction(lambda session, ops=ops: self._upsert_in(ops, session)), refused
+            except _Refused as exc:
+                refused += exc.refused
+                gone = {id(op) for op in exc.ops}
+                ops = [op for op in ops if id(op) not in gone]
+        return 0, refused
+
+    async def _upsert_in(self, ops: list[UpdateOne], session: Any) -> int:
+        before = await self.read_contributions([op._filter["_id"] for op in ops], session)
+        try:
+            result = await self.records.bulk_write(ops, ordered=False, session=session)
+        except pymongo.errors.BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", ())
+            if not errors or any(err.get("code") in _COLLISIONS for err in errors):
+                raise Retry from None
+            raise _Refused([ops[err["index"]] for err in errors], _refused(ops, errors)) from None
+        after = {}
+        for op in ops:
+            rid = op._filter["_id"]
+            fields = op._doc["$set"]
+            after[rid] = as_stored({**before.get(rid, {"_id": rid}), **{k: fields[k] for k in _CONTRIBUTING if k in fields}})
+        await self.apply_history_changes(before, after, session)
+        return result.upserted_count
 
     async def _customers_by_key(self, addresses: set[str]) -> dict[str, list[Any]]:
         # One query for emails and phone numbers alike ($or), whatever the batch size.
@@ -174,70 +213,6 @@ class RecordsMixin(StoreBase):
             array_filters=[{**{f"old.{k}": v for k, v in stale.items()}, "old.gone_at": {"$exists": False}}],
         )
         return result.modified_count
-
-    # -- histories -------------------------------------------------------------------------
-
-    async def refresh_history(self, customer_ids: Iterable[Any]) -> int:
-        """Recompute the history documents of ``customer_ids`` from their records.
-
-        Callers have stored their record changes already. Bumping the
-        revisions first, then reading them, then aggregating means a
-        computation at revision r has seen every change made before r.
-        """
-        wanted = sorted(set(customer_ids), key=str)
-        if not wanted:
-            return 0
-        async with self._history_lock:
-            await self.revisions.bulk_write([UpdateOne({"_id": cid}, {"$inc": {"rev": 1}}, upsert=True) for cid in wanted], ordered=False)
-            revs = await self._revisions(wanted)
-            rows = await self.records.aggregate(history.pipeline(wanted)).to_list(None)
-            docs = history.documents(rows, now=now_utc())
-            await self._write_history(wanted, docs, revs)
-        return len(docs)
-
-    async def _revisions(self, customer_ids: Sequence[Any] | None) -> dict[Any, int]:
-        query = {} if customer_ids is None else {"_id": {"$in": list(customer_ids)}}
-        return {d["_id"]: d["rev"] for d in await self.revisions.find(query).to_list(None)}
-
-    async def _write_history(self, wanted: Iterable[Any], docs: Mapping[Any, dict[str, Any]], revs: Mapping[Any, int]) -> None:
-        """Store ``docs`` (and delete the histories of ``wanted`` customers without records), unless newer ones are there."""
-        ops: list[Any] = []
-        for cid in wanted:
-            rev = revs.get(cid, 0)
-            newest = {"_id": cid, "$or": [{"revision": {"$lte": rev}}, {"revision": {"$exists": False}}]}
-            if cid in docs:
-                ops.append(ReplaceOne(newest, {**docs[cid], "revision": rev}, upsert=True))
-            else:
-                # A customer left with no records has no history.
-                ops.append(DeleteOne(newest))
-        if not ops:
-            return
-        try:
-            await self.history.bulk_write(ops, ordered=False)
-        except pymongo.errors.BulkWriteError as exc:
-            # A newer revision is stored already: the upsert of the older one collides on _id and stays out.
-            if any(err.get("code") != 11000 for err in exc.details.get("writeErrors", ())):
-                raise
-
-    async def rebuild_history(self, *, write: bool = False) -> dict[Any, dict[str, Any]]:
-        """History of every customer computed from scratch; stored too when ``write``.
-
-        Each document carries the customer's current revision, so a rebuild
-        equals the stored histories exactly when they are up to date.
-        """
-        async with self._history_lock:
-            revs = await self._revisions(None)
-            rows = await self.records.aggregate(history.pipeline(None)).to_list(None)
-            docs = history.documents(rows, now=now_utc())
-            docs = {cid: {**doc, "revision": revs.get(cid, 0)} for cid, doc in docs.items()}
-            if write:
-                stored = [d["_id"] for d in await self.history.find({}, {"_id": 1}).to_list(None)]
-                await self._write_history(set(stored) | set(docs), docs, revs)
-        return docs
-
-    async def stored_histories(self) -> dict[Any, dict[str, Any]]:
-        """Every stored history document, by customer."""
-        return {d["_id"]: d for d in await self.history.find().to_list(None)}
 
     # -- matching, customers, tombstones, suppression ------------------------------------------
 
@@ -309,6 +284,32 @@ class RecordsMixin(StoreBase):
         ]
         result = await self.customers.bulk_write(ops, ordered=False)
         return result.upserted_count, result.matched_count
+
+
+# The top-level fields of a record `history.FIELDS` reads: what a batch's $set may change in histories.
+_CONTRIBUTING = ("customer_ids", "channel", "direction", "occurred_at", "call")
+# Write errors that are a collision with another writer, not a refusal: the transaction runs again.
+_COLLISIONS = frozenset({112, 11000})  # WriteConflict, DuplicateKey (a concurrent insert of the same _id)
+
+
+class _Refused(Exception):
+    """The server refused some of a transaction's records."""
+
+    def __init__(self, ops: list[UpdateOne], refused: list[tuple[dict[str, Any], str]]):
+        super().__init__(f"{len(refused)} records refused")
+        self.ops = ops
+        self.refused = refused
+
+
+def _refused(ops: Sequence[UpdateOne], errors: Iterable[Mapping[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """The records of ``ops`` that ``errors`` (a BulkWriteError's writeErrors) name, with why."""
+    refused = []
+    for err in errors:
+        op = ops[err["index"]]
+        doc = {"_id": op._filter["_id"], **op._doc["$set"], "sources": op._doc["$addToSet"]["sources"]["$each"]}
+        refused.append((doc, f"server refused the record (code {err.get('code')}: {cut(str(err.get('errmsg', '')), 200)})"))
+    log.warning("records_refused", records=[d["_id"] for d, _ in refused][:20], count=len(refused))
+    return refused
 
 
 def _size_beyond(fields: Mapping[str, Any], limit: int) -> bool:
