@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     mbox.set_defaults(handler=_import)
 
     rebuild = with_config(sub.add_parser("rebuild-history", help="recompute every customer history from the records"))
+    rebuild.add_argument(
+        "--check", action="store_true", help="write nothing: print the customers whose stored history differs from a rebuild (exit 1 if any)"
+    )
     rebuild.set_defaults(handler=_rebuild)
     st = with_config(sub.add_parser("status", help="every source from MongoDB: owner, last success, last error, backlog"))
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -212,10 +215,25 @@ async def _import(settings: Settings, args: Any) -> int:
 
 async def _rebuild(settings: Settings, args: Any) -> int:
     store = app.open_store(settings)
-    docs = await store.rebuild_history(write=True)
-    store.close()
+    try:
+        if args.check:
+            return _report_check(await store.check_history())
+        docs = await store.rebuild_history(write=True)
+    finally:
+        store.close()
     print(f"rebuilt the history of {len(docs)} customers")
     return 0
+
+
+def _report_check(check: Any) -> int:
+    if not check.differences:
+        print(f"every stored history equals a rebuild ({check.customers} customers)")
+        return 0
+    for cid in sorted(check.differences, key=str):
+        for line in check.differences[cid]:
+            print(f"{cid}: {line}")
+    print(f"{len(check.differences)} of {check.customers} customers differ from a rebuild (`commsync rebuild-history` rewrites them)")
+    return 1
 
 
 if __name__ == "__main__":

@@ -2,18 +2,20 @@
 
 `Store` is one object per database, assembled from parts with one job each:
 the connection, collections, indexes, validators and checkpoints (base.py);
-the capture path, records and histories (records.py); leases, instances and
-source status (coordination.py); what the admin commands read and write
-(admin.py); quarantine (quarantine.py); change streams on records for
-`commsync watch` (events.py). ``memory://`` runs it on the mongomock
-double (memory.py). Switching from motor to PyMongo's async client is a change
-in this package alone.
+the capture path (records.py); customer histories, by deltas in transactions
+or recomputed (histories.py); leases, instances and source status
+(coordination.py); what the admin commands read and write (admin.py);
+quarantine (quarantine.py); change streams on records for `commsync watch`
+(events.py). ``memory://`` runs it on the mongomock double (memory.py).
+Switching from motor to PyMongo's async client is a change in this package
+alone.
 
-Every batch costs a fixed number of round trips, whatever its size (count
-them with `Store.commands`, a pymongo command listener): four reads sent
-together (the records' previous customers, tombstones, suppressed
-participants, one customer lookup), one bulk upsert of records, then the
-history refresh.
+Every batch costs a fixed number of round trips, whatever its size and its
+customers' past (count them with `Store.commands`, a pymongo command
+listener): four reads sent together (the records' previous customers,
+tombstones, suppressed participants, one customer lookup), then the records
+and their histories: one transaction of five commands, or, without
+transactions, one bulk upsert and a recomputation of four.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from .base import StoreBase
+from .histories import HistoryMixin
 
 
-class AdminMixin(StoreBase):
+class AdminMixin(HistoryMixin):
     """Reads and writes of `records`, `customers`, `customer_history` and `tombstones` for admin operations."""
 
     async def count_selection(self, q: Mapping[str, Any]) -> tuple[int, int]:
@@ -49,7 +49,9 @@ class AdminMixin(StoreBase):
 
     async def delete_records(self, ids: Sequence[Any]) -> int:
         """Delete records without tombstones (retention: capture refuses them anyway); how many went."""
-        return (await self.records.delete_many({"_id": {"$in": list(ids)}})).deleted_count
+        query = {"_id": {"$in": list(ids)}}
+        # With transactions, histories change with the records (`change_records`).
+        return (await self.change_records(ids, lambda session: self.records.delete_many(query, session=session), deletes=True)).deleted_count
 
     async def drop_tombstones_before(self, cutoff: datetime) -> int:
         return (await self.tombstones.delete_many({"occurred_at": {"$lt": cutoff}})).deleted_count
@@ -58,7 +60,8 @@ class AdminMixin(StoreBase):
         """``$pull`` ``pull`` from the records ``ids``; how many changed."""
         if not ids:
             return 0
-        return (await self.records.update_many({"_id": {"$in": list(ids)}}, {"$pull": dict(pull)})).modified_count
+        query, update = {"_id": {"$in": list(ids)}}, {"$pull": dict(pull)}
+        return (await self.change_records(ids, lambda session: self.records.update_many(query, update, session=session))).modified_count
 
     async def find_customer(self, ids: Sequence[Any]) -> dict[str, Any] | None:
         """The customer document whose _id is one of ``ids``."""

@@ -21,6 +21,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import bson
@@ -48,6 +49,12 @@ CHUNK = 500
 _AS_STORED = CodecOptions(tz_aware=True)
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryCheck:
+    customers: int  # with a stored history, records, or both
+    differences: dict[Any, list[str]]  # customer -> what differs (see `history.differences`)
+
+
 class Retry(Exception):
     """A collision the server reported as a write error (not a labelled error): run the transaction again."""
 
@@ -57,6 +64,8 @@ class HistoryMixin(StoreBase):
 
     # Whether writes keep histories by deltas in transactions; None: ask the server at first use.
     transactions: bool | None = None
+    # Transactions started again after a collision with another writer (tests and benchmarks read it).
+    collisions = 0
 
     async def uses_transactions(self) -> bool:
         """True when the server runs multi-document transactions (its `hello` names a replica set, or it is a mongos)."""
@@ -97,6 +106,7 @@ class HistoryMixin(StoreBase):
                     if not transient or time.monotonic() - started > TRANSACTION_TIME_LIMIT:
                         raise
                 attempt += 1
+                self.collisions += 1
                 if attempt % 20 == 0:
                     log.warning("history_transaction_retrying", attempts=attempt, seconds=round(time.monotonic() - started, 1))
                 await asyncio.sleep(random.random() * min(_BACKOFF_FIRST * 1.5**attempt, _BACKOFF_MAX))  # noqa: S311
@@ -150,6 +160,27 @@ class HistoryMixin(StoreBase):
             docs.update({cid: recomputed.get(cid) for cid in again})
         await self._write_history(list(docs), {cid: d for cid, d in docs.items() if d is not None}, {}, session=session)
         return len(docs)
+
+    async def change_records(self, ids: Sequence[Any], change: Callable[[Any], Awaitable[T]], *, deletes: bool = False) -> T:
+        """Run ``change(session)``, a write to the records ``ids``, with the history changes it makes, in one transaction.
+
+        For writes besides capture's (admin deletes and re-links): a crash
+        between the records and their histories cannot happen. Without
+        transactions ``change(None)`` runs alone and the caller refreshes the
+        histories. ``deletes``: the records are gone afterwards (no need to read them).
+        """
+        if not await self.uses_transactions():
+            return await change(None)
+
+        async def work(session: Any) -> T:
+            before = await self.read_contributions(ids, session)
+            result = await change(session)
+            after = {} if deletes else await self.read_contributions(ids, session)
+            await self.apply_history_changes(before, after, session)
+            return result
+
+        async with self._history_lock:
+            return await self.in_transaction(work)
 
     # -- recomputation -------------------------------------------------------------------------
 
@@ -261,17 +292,19 @@ class HistoryMixin(StoreBase):
         """Every stored history document, by customer."""
         return {d["_id"]: d for d in await self.history.find().to_list(None)}
 
-    async def check_history(self) -> dict[Any, list[str]]:
-        """Customers whose stored history differs from a rebuild, with what differs (writes nothing).
+    async def check_history(self) -> HistoryCheck:
+        """Compare every stored history with a rebuild, writing nothing; what differs, by customer.
 
         The whole database is compared first; each customer that differs is
         then compared again, its records and its document read together (in
         one snapshot where the server has transactions), so a batch stored
         between the two reads of the first pass is not reported.
         """
-        candidates = history.differences(await self.stored_histories(), await self.rebuild_history())
+        stored, rebuilt = await self.stored_histories(), await self.rebuild_history()
+        customers = len(stored.keys() | rebuilt.keys())
+        candidates = history.differences(stored, rebuilt)
         if not candidates:
-            return {}
+            return HistoryCheck(customers, {})
         confirmed: dict[Any, list[str]] = {}
         ids = list(candidates)
         for i in range(0, len(ids), CHUNK):
@@ -281,7 +314,7 @@ class HistoryMixin(StoreBase):
             else:
                 found = await self._compare(chunk, None)
             confirmed.update(found)
-        return confirmed
+        return HistoryCheck(customers, confirmed)
 
     async def _compare(self, customer_ids: Sequence[Any], session: Any) -> dict[Any, list[str]]:
         rows = await self.records.aggregate(history.pipeline(customer_ids), session=session).to_list(None)

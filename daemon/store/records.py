@@ -225,7 +225,7 @@ class RecordsMixin(HistoryMixin):
         """Re-link records: ``changes`` maps record ids to their new customer ids."""
         if changes:
             ops = [UpdateOne({"_id": rid}, {"$set": {"customer_ids": list(cids)}}) for rid, cids in changes.items()]
-            await self.records.bulk_write(ops, ordered=False)
+            await self.change_records(list(changes), lambda session: self.records.bulk_write(ops, ordered=False, session=session))
 
     async def tombstone_and_delete(self, docs: Sequence[Mapping[str, Any]], reason: str) -> int:
         """Delete the records ``docs`` name, after leaving a tombstone for each that capture honours."""
@@ -240,7 +240,8 @@ class RecordsMixin(HistoryMixin):
             ],
             ordered=False,
         )
-        result = await self.records.delete_many({"_id": {"$in": [d["_id"] for d in docs]}})
+        ids = [d["_id"] for d in docs]
+        result = await self.change_records(ids, lambda session: self.records.delete_many({"_id": {"$in": ids}}, session=session), deletes=True)
         return result.deleted_count
 
     async def suppress(self, digests: Iterable[str], reason: str) -> int:
