@@ -57,7 +57,11 @@ class RecordsMixin(HistoryMixin):
         stream: str | None = None,
         malformed: Sequence[MalformedItem] = (),
     ) -> BatchResult:
-        """Upsert ``records`` (matched to customers) and refresh the histories they touch.
+        """Upsert ``records`` (matched to customers) and bring the histories they touch along.
+
+        With transactions the upsert and the history changes are one
+        transaction (histories.py); without, the touched customers are
+        recomputed after the upsert.
 
         The capture policy applies first: automated, blocklisted, too old,
         deleted (tombstoned) and suppressed records are left out, suppressed
