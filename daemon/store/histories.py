@@ -100,10 +100,7 @@ class HistoryMixin(StoreBase):
                 except Exception as exc:
                     if session.in_transaction:
                         await _abort(session)
-                    transient = isinstance(exc, Retry) or (
-                        isinstance(exc, pymongo.errors.PyMongoError) and exc.has_error_label("TransientTransactionError")
-                    )
-                    if not transient or time.monotonic() - started > TRANSACTION_TIME_LIMIT:
+                    if not _collision(exc) or time.monotonic() - started > TRANSACTION_TIME_LIMIT:
                         raise
                 attempt += 1
                 self.collisions += 1
@@ -117,8 +114,10 @@ class HistoryMixin(StoreBase):
                 await session.commit_transaction()
                 return
             except pymongo.errors.PyMongoError as exc:
-                # The commit may have happened: committing again is safe and tells.
-                if exc.has_error_label("UnknownTransactionCommitResult") and time.monotonic() - started <= TRANSACTION_TIME_LIMIT:
+                # The commit may have happened: committing again is safe and tells. Not while the
+                # server is unreachable: the batch fails, and its re-read finds what was committed.
+                unknown = exc.has_error_label("UnknownTransactionCommitResult") and not isinstance(exc, pymongo.errors.ConnectionFailure)
+                if unknown and time.monotonic() - started <= TRANSACTION_TIME_LIMIT:
                     continue
                 raise
 
@@ -320,6 +319,21 @@ class HistoryMixin(StoreBase):
         rows = await self.records.aggregate(history.pipeline(customer_ids), session=session).to_list(None)
         stored = await self.history.find({"_id": {"$in": list(customer_ids)}}, session=session).to_list(None)
         return history.differences({d["_id"]: d for d in stored}, history.documents(rows, now=now_utc()))
+
+
+def _collision(exc: BaseException) -> bool:
+    """A conflict with another writer, worth starting the transaction again at once.
+
+    An unreachable server is not one, though the driver labels it transient
+    too: the batch fails and the runner's backoff, which knows outages, takes over.
+    """
+    if isinstance(exc, Retry):
+        return True
+    return (
+        isinstance(exc, pymongo.errors.PyMongoError)
+        and exc.has_error_label("TransientTransactionError")
+        and not isinstance(exc, pymongo.errors.ConnectionFailure)
+    )
 
 
 def as_stored(doc: Mapping[str, Any]) -> dict[str, Any]:
