@@ -80,7 +80,7 @@ async def delete(store: Store, q: Mapping[str, Any], *, reason: str = "delete") 
             break
         n = await store.tombstone_and_delete(docs, reason)
         touched = {cid for d in docs for cid in d.get("customer_ids", ())}
-        await store.refresh_history(touched)
+        await store.settle_histories(touched)
         customers |= touched
         deleted += n
         if n == 0:  # they vanished meanwhile (another delete): nothing of ours is left to do
@@ -106,7 +106,7 @@ async def purge(store: Store, days: int, *, now: datetime | None = None, dry_run
             break
         n = await store.delete_records([d["_id"] for d in docs])
         touched = {cid for d in docs for cid in d.get("customer_ids", ())}
-        await store.refresh_history(touched)
+        await store.settle_histories(touched)
         customers |= touched
         deleted += n
         if n == 0:
@@ -164,7 +164,7 @@ async def forget(store: Store, customer_text: Any, *, keep_orphans: bool = False
         deleted = await store.tombstone_and_delete(orphans, "forget")
         changed = await store.pull_from_records(kept, pull)
         touched = {cid for d in docs for cid in d.get("customer_ids", ())}
-        await store.refresh_history(touched)
+        await store.settle_histories(touched)
         report.others |= touched - set(ids)
         report.deleted += deleted
         report.unlinked += changed
@@ -194,7 +194,7 @@ async def _relink(store: Store, docs: Sequence[Mapping[str, Any]], report: Remat
     changes = {d["_id"]: cids for d, cids in zip(docs, new, strict=True) if list(d.get("customer_ids", ())) != cids}
     await store.set_customer_ids(changes)
     touched = {cid for d in docs if d["_id"] in changes for cid in (*d.get("customer_ids", ()), *changes[d["_id"]])}
-    await store.refresh_history(touched)
+    await store.settle_histories(touched)
     report.examined += len(docs)
     report.relinked += len(changes)
     report.customers |= touched

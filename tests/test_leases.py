@@ -139,12 +139,20 @@ async def test_a_dead_instance_hands_its_sources_over_after_the_lease_time(store
             assert doc["acquired_at"] >= expiry[doc["_id"]]  # not one moment before a's lease ran out
         # b resumes from a's checkpoints: no record is missing or doubled.
         await eventually(lambda: all(s in tracker.synced["b"] for s in orphaned))
+        await eventually(lambda: _all_checkpointed(store, orphaned), what="b stored and checkpointed each of them")
     finally:
         await stop_all((rb, tb))
     assert tracker.overlaps == []
     for source in orphaned:
         state = await store.load_state(source)
         assert await store.records.count_documents({"sources.source": source}) == state["s"]["n"]
+
+
+async def _all_checkpointed(store, sources):
+    for source in sources:
+        if "s" not in await store.load_state(source):
+            return False
+    return True
 
 
 async def test_max_sources_caps_one_instance(store):

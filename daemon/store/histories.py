@@ -181,6 +181,11 @@ class HistoryMixin(StoreBase):
         async with self._history_lock:
             return await self.in_transaction(work)
 
+    async def settle_histories(self, customer_ids: Iterable[Any]) -> None:
+        """After `change_records` writes: recompute ``customer_ids`` where the server had no transaction to keep them current."""
+        if not await self.uses_transactions():
+            await self.refresh_history(customer_ids)
+
     # -- recomputation -------------------------------------------------------------------------
 
     async def refresh_history(self, customer_ids: Iterable[Any]) -> int:
