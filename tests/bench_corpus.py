@@ -7,7 +7,7 @@ Two corpora, each a function ``(n, seed) -> bytes`` (wire format, CRLF):
   numbers stay comparable.
 * ``business``: :func:`business_message`, closer to a company mailbox. Sizes
   are drawn first: log-normal around 4.5 KB for most mail, plus a heavy tail
-  (about 4.5% of 40-200 KB, mostly attachments), mean about 9 KB. Then a
+  (about 4% of 40-200 KB, mostly attachments), mean about 9 KB. Then a
   kind that fits the size: short notes, Outlook-style multipart/alternative
   with its Word HTML, replies that quote long threads (Gmail ``>`` nesting or
   Outlook's header blocks), HTML-only and multipart/alternative newsletters
@@ -1091,6 +1091,7 @@ def business_message(n: int, seed: int = 0) -> bytes:
 CORPORA = {"small": typical_message, "business": business_message}
 CORPUS_DESCRIPTIONS = {
     "small": "small: the original corpus, ~4 KiB, 30% HTML alternative, 10% small attachment",
-    "business": "business: log-normal ~4.5 KB + 4.5% of 40-200 KB, newsletters with big CSS, attachments, "
-                "forwards, long quoted threads, 15% legacy charsets",
+    "business": f"business: log-normal around {BODY_MEDIAN / 1000:.1f} KB plus {HEAVY_SHARE:.1%} of "
+                f"{HEAVY_RANGE[0] // 1000}-{HEAVY_RANGE[1] // 1000} KB (attachments mostly), newsletters with big CSS, "
+                f"attachments, forwards, long quoted threads, {LEGACY_SHARE:.0%} legacy charsets",
 }
