@@ -121,6 +121,7 @@ class Measure:
     during: float = 0.0  # CPUs that processes outside the benchmark used during the run (average)
     corpus: str = ""
     at_peak: list[ProcMem] = field(default_factory=list)  # the tree when its PSS peaked
+    cpu_by_role: dict[str, float] = field(default_factory=dict)  # CPU seconds (user + system) per process role
 
 
 def _proc_table() -> dict[int, tuple[int, int]]:
@@ -218,6 +219,8 @@ class TreeSampler(threading.Thread):
         self.pid, self.server_pid, self.interval = pid, server_pid, interval
         self.peak_rss_kb = self.peak_pss_kb = 0
         self.at_peak: list[ProcMem] = []
+        self.cpu_by_role: dict[str, float] = {}
+        self._roles: dict[int, str] = {}
         self.max_procs = 0
         self.foreign_cpus = 0.0
         self._first: dict[int, int] = {}
@@ -232,10 +235,13 @@ class TreeSampler(threading.Thread):
         tree = _descendants(kids, self.pid)
         mem = [_mem_kb(p) for p in tree]
         self.peak_rss_kb = max(self.peak_rss_kb, sum(m[0] for m in mem))
+        for p in tree:
+            if p not in self._roles:
+                self._roles[p] = _role(p, table[p][0], self.pid)
         pss = sum(m[1] for m in mem)
         if pss > self.peak_pss_kb:
             self.peak_pss_kb = pss
-            self.at_peak = [ProcMem(_role(p, table[p][0], self.pid), *m) for p, m in zip(tree, mem, strict=True) if p in table]
+            self.at_peak = [ProcMem(self._roles[p], *m) for p, m in zip(tree, mem, strict=True)]
         self.max_procs = max(self.max_procs, len(tree))
         ours = set(tree)
         if self.server_pid:
@@ -261,6 +267,9 @@ class TreeSampler(threading.Thread):
         b1, t1 = _cpu_busy()
         tick = os.sysconf("SC_CLK_TCK")
         ours = sum(self._last[p] - self._first[p] for p in self._last) / tick + (time.process_time() - cpu0)
+        for p, role in self._roles.items():
+            if p in self._last:
+                self.cpu_by_role[role] = self.cpu_by_role.get(role, 0.0) + (self._last[p] - self._first[p]) / tick
         busy = (b1 - b0) / tick  # user + nice + system ticks (USER_HZ), summed over CPUs
         self.foreign_cpus = max(0.0, busy - ours) / max(1e-3, time.perf_counter() - w0)
 
@@ -317,7 +326,7 @@ def run_measured(tool: str, messages: int, argv: list[str], *, stdout=subprocess
         raise RuntimeError(f"{tool} exited with {proc.returncode}: {shlex.join(argv)}\n{tail}")
     return Measure(tool, messages, seconds, maxrss_kb / 1024, sampler.peak_rss_kb / 1024, sampler.peak_pss_kb / 1024,
                    note=f"{sampler.max_procs} procs", background=background, during=sampler.foreign_cpus,
-                   at_peak=sampler.at_peak)
+                   at_peak=sampler.at_peak, cpu_by_role=sampler.cpu_by_role)
 
 
 # --------------------------------------------------------------------------- the tools
@@ -394,6 +403,10 @@ def fetch_loop_main(args: argparse.Namespace) -> int:
     from imapclient import IMAPClient
 
     client = IMAPClient(args.host, port=args.port, ssl=False, timeout=120)
+    if args.imaplib_debug_off:
+        # imapclient sets imaplib's debug level to 5, and imaplib then formats every
+        # response (message bodies included) for a debug log nobody reads.
+        client._imap.debug = 0
     client.login(args.user, args.password)
     client.select_folder("INBOX", readonly=True)
     uids = sorted(client.search(["ALL"]))
@@ -517,6 +530,7 @@ COMMSYNC_TOOL = "commsync run --once --dry-run"
 MBSYNC_DEFAULT = "mbsync (defaults)"
 MBSYNC_NOFSYNC = "mbsync (FSync no)"
 FETCH_TOOL = "bare imapclient UID FETCH loop"
+FETCH_TOOL_NODEBUG = "bare imapclient UID FETCH loop, imaplib debug off"
 
 
 def _groups(results: list[Measure]) -> dict[tuple[str, int, str], list[Measure]]:
@@ -534,7 +548,7 @@ def _fmt_summary(results: list[Measure], sizes: dict[str, float], verify: dict[s
     """The README table: messages/s per tool and corpus, commsync / mbsync, commsync's memory."""
     groups = _groups(results)
     lines = [
-        "| corpus (avg size) | messages | commsync dry run | mbsync, defaults | mbsync, `FSync no` | bare fetch loop "
+        "| corpus (avg size) | messages | commsync dry run | mbsync, defaults | mbsync, `FSync no` | bare fetch loop (imaplib debug off) "
         "| commsync / mbsync defaults | commsync peak PSS, process tree | commsync peak RSS, largest process "
         f"| {VERIFY_TOOL} |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -546,14 +560,15 @@ def _fmt_summary(results: list[Measure], sizes: dict[str, float], verify: dict[s
 
     for corpus, n in keys:
         ours = groups.get((corpus, n, COMMSYNC_TOOL))
-        rates = {t: _median_rate(groups.get((corpus, n, t))) for t in (COMMSYNC_TOOL, MBSYNC_DEFAULT, MBSYNC_NOFSYNC, FETCH_TOOL)}
+        rates = {t: _median_rate(groups.get((corpus, n, t)))
+                 for t in (COMMSYNC_TOOL, MBSYNC_DEFAULT, MBSYNC_NOFSYNC, FETCH_TOOL, FETCH_TOOL_NODEBUG)}
         ratio = f"{rates[COMMSYNC_TOOL] / rates[MBSYNC_DEFAULT]:.2f}x" if rates[COMMSYNC_TOOL] and rates[MBSYNC_DEFAULT] else "-"
         pss = f"{max(m.tree_pss_mb for m in ours):.0f} MB" if ours else "-"
         rss = f"{max(m.maxrss_mb for m in ours):.0f} MB" if ours else "-"
         ver = groups.get((corpus, n, VERIFY_TOOL))
         lines.append(
             f"| {corpus} ({sizes.get(corpus, 0):.1f} KiB) | {n:,} | **{rate(rates[COMMSYNC_TOOL])}** | {rate(rates[MBSYNC_DEFAULT])} "
-            f"| {rate(rates[MBSYNC_NOFSYNC])} | {rate(rates[FETCH_TOOL])} | **{ratio}** | {pss} | {rss} "
+            f"| {rate(rates[MBSYNC_NOFSYNC])} | {rate(rates[FETCH_TOOL])} ({rate(rates[FETCH_TOOL_NODEBUG])}) | **{ratio}** | {pss} | {rss} "
             f"| {rate(_median_rate(ver)) if ver else verify.get(corpus, VERIFY_MISSING)} |"
         )
     return lines
@@ -572,6 +587,21 @@ def _fmt_table(results: list[Measure]) -> list[str]:
             f"{max(m.maxrss_mb for m in ms):.0f} | {max(m.tree_mb for m in ms):.0f} | {max(m.tree_pss_mb for m in ms):.0f} | "
             f"{', '.join(f'{m.seconds:.2f}' for m in ms)} | {', '.join(f'{m.during:.2f}' for m in ms)} |"
         )
+    return lines
+
+
+def _fmt_cpu(results: list[Measure]) -> list[str]:
+    """commsync's CPU seconds per process role (the median-time run of each group) against its wall time."""
+    roles = ["main", "parse worker", "forkserver", "resource tracker"]
+    lines = ["| corpus | messages | wall s | CPU s: " + " | ".join(roles) + " | CPUs busy (all roles / wall) |",
+             "|---|---:|---:|" + "---:|" * len(roles) + "---:|"]
+    for (corpus, n, tool), ms in _groups(results).items():
+        if tool != COMMSYNC_TOOL:
+            continue
+        mid = sorted(ms, key=lambda m: m.seconds)[len(ms) // 2]
+        cpu = mid.cpu_by_role
+        lines.append(f"| {corpus} | {n:,} | {mid.seconds:.2f} | " + " | ".join(f"{cpu.get(r, 0):.2f}" for r in roles)
+                     + f" | {sum(cpu.values()) / mid.seconds:.2f} |")
     return lines
 
 
@@ -629,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", help="also write the result (markdown, with the command line) to this file")
     p.add_argument("--keep", action="store_true", help="keep the Dovecot and work directories")
     p.add_argument("--_fetch-loop", dest="fetch_loop", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--imaplib-debug-off", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--host", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--user", help=argparse.SUPPRESS)
@@ -720,16 +751,18 @@ def main(argv: list[str] | None = None) -> int:
                 record(m)
                 log(f"[{name}] {tool}: {count} in {m.seconds:.2f}s ({count / m.seconds:,.0f}/s), RSS {m.maxrss_mb:.0f} MB")
 
-            def fetch_once(count: int, fetch_argv=fetch_argv, name=name, record=record) -> None:
+            def fetch_once(count: int, quiet_imaplib: bool = False, fetch_argv=fetch_argv, name=name, record=record) -> None:
                 out_path = work / "fetch-loop.json"
+                tool = FETCH_TOOL_NODEBUG if quiet_imaplib else FETCH_TOOL
                 with open(out_path, "wb") as out:
-                    m = run_measured(FETCH_TOOL, count, fetch_argv, stdout=out, stderr_path=str(work / "fetch.stderr"))
+                    m = run_measured(tool, count, fetch_argv + (["--imaplib-debug-off"] if quiet_imaplib else []), stdout=out,
+                                     stderr_path=str(work / "fetch.stderr"))
                 got = json.loads(out_path.read_text())["messages"]
                 if got != count:
                     raise RuntimeError(f"fetch loop saw {got} messages, expected {count}")
                 m.note = f"chunks of {batch}"
                 record(m)
-                log(f"[{name}] fetch loop: {count} in {m.seconds:.2f}s ({count / m.seconds:,.0f}/s), RSS {m.maxrss_mb:.0f} MB")
+                log(f"[{name}] {tool}: {count} in {m.seconds:.2f}s ({count / m.seconds:,.0f}/s), RSS {m.maxrss_mb:.0f} MB")
 
             def commsync_once(count: int, commsync_argv=commsync_argv, name=name, record=record) -> None:
                 m = record(run_measured(COMMSYNC_TOOL, count, commsync_argv, stderr_path=str(work / "commsync.stderr")))
@@ -752,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
                 for fsync in (False, True):
                     attempt(f"{name}: mbsync at {count}", lambda fsync=fsync: mbsync_once(count, tag, fsync))
                 attempt(f"{name}: fetch loop at {count}", lambda: fetch_once(count))
+                attempt(f"{name}: fetch loop (imaplib debug off) at {count}", lambda: fetch_once(count, True))
                 attempt(f"{name}: commsync at {count}", lambda: commsync_once(count))
                 if verify is not None:
                     attempt(f"{name}: verify at {count}", lambda: verify_once(count))
@@ -789,6 +823,8 @@ def main(argv: list[str] | None = None) -> int:
     out += ["", "Every run:", ""] + _fmt_table(results)
     out += ["", "commsync's memory at the peak of its process tree's PSS (the run with the highest peak), per process:", ""]
     out += _fmt_memory(results)
+    out += ["", "commsync's CPU per process role (user + system, the median run), against its wall time:", ""]
+    out += _fmt_cpu(results)
     out += [""] + [f"- FAILED {f}" for f in failures] + [f"- {note}" for note in notes]
     if results:
         loud = [m for m in results if m.background > QUIET_CPUS]
@@ -816,7 +852,9 @@ def main(argv: list[str] | None = None) -> int:
         "and multiprocessing's resource tracker.",
         "- mbsync pulls INBOX into a fresh Maildir on local disk; `FSync no` is the stricter baseline "
         "(commsync's dry run writes to /dev/null). The bare fetch loop (imapclient, `UID FETCH BODY.PEEK[]` in "
-        f"chunks of {batch}, nothing parsed or stored) is the limit for a Python IMAP client.",
+        f"chunks of {batch}, nothing parsed or stored) is the limit for a Python IMAP client; in parentheses the "
+        "same with imaplib's debug level set back to 0 (imapclient sets it to 5, and imaplib then formats every "
+        "response, message bodies included, for a debug log).",
         f"- {VERIFY_TOOL}: {VERIFY_MISSING} until commsync has the command (`commsync verify --help` fails); "
         "`verify_argv()` in this script is the hook that times it then.",
     ]
