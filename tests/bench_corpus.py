@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from email.message import EmailMessage
 from email.utils import format_datetime
+from functools import lru_cache
 
 OWN_DOMAIN = "ourco.example"
 OWN_ADDRESS = f"sales@{OWN_DOMAIN}"
@@ -760,6 +761,42 @@ def _person(rng: random.Random, domain: str, voice: _Voice | None = None) -> _Pe
     return _Person(f"{first} {last}", addr)
 
 
+# A mailbox hears from a bounded set of correspondents, some far more often than
+# others: companies and their contacts are drawn from a per-seed directory with
+# Zipf-like weights, so the same From/To values come back as in real mail.
+DIRECTORY_COMPANIES = 60
+
+
+@lru_cache(maxsize=8)
+def _directory(seed: int) -> dict[str, list[tuple[str, list[_Person], list[float]]]]:
+    """{language: [(domain, contacts, contact weights)]} of the seed's correspondents."""
+    rng = random.Random(f"directory:{seed}")
+    langs = ["en"] * 70 + [lang for lang, w in _LANG_WEIGHTS.items() for _ in range(max(2, w // 2))]
+    out: dict[str, list[tuple[str, list[_Person], list[float]]]] = {}
+    domains = set()
+    for i in range(DIRECTORY_COMPANIES + len(_LANG_WEIGHTS)):
+        # Every language gets companies of its own; the rest are mostly English-speaking.
+        lang = list(_LANG_WEIGHTS)[i - DIRECTORY_COMPANIES] if i >= DIRECTORY_COMPANIES else rng.choice(langs)
+        domain = _company_domain(rng)
+        while domain in domains:
+            domain = f"{rng.choice(_COMPANIES)}{rng.randint(2, 99)}.{rng.choice(_TLDS)}"
+        domains.add(domain)
+        voice = _Voice(lang, "utf-8", "utf-8", "Q", "outlook")
+        contacts = [_person(rng, domain, voice) for _ in range(rng.randint(1, 9))]
+        out.setdefault(lang, []).append((domain, contacts, [1 / (k + 1) for k in range(len(contacts))]))
+    return out
+
+
+def _company(rng: random.Random, seed: int, lang: str) -> tuple[str, list[_Person], list[float]]:
+    companies = _directory(seed)[lang]
+    return rng.choices(companies, [1 / (k + 1) ** 0.9 for k in range(len(companies))])[0]
+
+
+def _contact(rng: random.Random, company: tuple[str, list[_Person], list[float]]) -> _Person:
+    _, contacts, weights = company
+    return rng.choices(contacts, weights)[0]
+
+
 def _internal(rng: random.Random) -> _Person:
     local = rng.choice(_INTERNAL)
     name = None if "." not in local else f"{local[0].upper()}. {local.split('.')[1].title()}"
@@ -932,9 +969,10 @@ class _Builder:
         kind = _kind(rng, target, heavy)
         voice = _voice(rng, kind)
         when = _when(rng, self.n)
-        customer_domain = _company_domain(rng)
+        firm = _company(rng, self.seed, voice.lang)
+        customer_domain = firm[0]
         company = customer_domain.split(".")[0]
-        customer = _person(rng, customer_domain, voice)
+        customer = _contact(rng, firm)
         inbound = kind.startswith("newsletter") or rng.random() < 0.7
         if kind.startswith("newsletter"):
             brand = rng.choice(_COMPANIES)
@@ -942,11 +980,12 @@ class _Builder:
         else:
             sender = customer if inbound else _internal(rng)
         to = [_Person("Sales", OWN_ADDRESS) if rng.random() < 0.5 else _Person(None, OWN_ADDRESS)] if inbound else [customer]
-        to += [_person(rng, customer_domain, voice) for _ in range(rng.choices([0, 1, 2, 3], [60, 25, 10, 5])[0])]
+        to += [_contact(rng, firm) for _ in range(rng.choices([0, 1, 2, 3], [60, 25, 10, 5])[0])]
+        to = list({p.addr: p for p in to}.values())
         cc = []
         if not kind.startswith("newsletter") and rng.random() < 0.4:
-            cc = [_internal(rng) if rng.random() < 0.5 else _person(rng, customer_domain, voice)
-                  for _ in range(rng.randint(1, 5))]
+            cc = [_internal(rng) if rng.random() < 0.5 else _contact(rng, firm) for _ in range(rng.randint(1, 5))]
+            cc = list({p.addr: p for p in cc}.values())
         subject = _subject(rng, voice)
         reply = kind == "reply_thread" or (kind in ("plain", "alternative", "attachment", "related") and rng.random() < 0.35)
         thread = rng.randrange(max(1, self.n // 4 + 1))
