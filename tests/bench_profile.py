@@ -4,6 +4,7 @@
     .venv/bin/python tests/bench_profile.py parse  [--corpus business] [--messages 3000]
     .venv/bin/python tests/bench_profile.py daemon [--corpus business] [--messages 10000]
     .venv/bin/python tests/bench_profile.py fetch  [--corpus business] [--messages 10000]
+    .venv/bin/python tests/bench_profile.py whatif [--corpus business] [--messages 10000] [--runs 3]
     .venv/bin/python tests/bench_profile.py memory [--corpus business]
 
 ``parse``: ``normalize_email`` over the corpus in this one process, under
@@ -26,6 +27,12 @@ waits for.
 ``fetch``: the IMAP read alone in this process (what the connector's thread
 does): messages/s by FETCH chunk size, with the garbage collector on and
 off, and a cProfile of one pass.
+
+``whatif``: candidate changes measured on the real CLI without changing it:
+a stand-in for the console script applies a patch in the main process
+(imaplib's debug level back to 0; a ``__main__`` module that the parse workers
+do not re-import) and/or sets ``parse_workers: 1``; wall time, CPU per
+process role and memory, median of ``--runs``.
 
 ``memory``: what each process of the parse pool costs: fresh interpreters
 importing what the main process and the workers import, and real forkserver
@@ -375,6 +382,82 @@ def phases(cfg: Path, expected: int) -> None:
         print(f"| {label} | - | {secs:.2f} | - | {100 * secs / wall:.0f}% |")
 
 
+# --------------------------------------------------------------------------- what if
+
+# A stand-in for the `commsync` console script (same module-level import, so the
+# parse workers re-import it the same way), with optional patches applied in the
+# main process only. The product code is not changed: these are measurements of
+# candidate changes.
+_WRAPPER = """\
+import sys
+from commsync.daemon.cli import main  # the console script's import
+
+if __name__ == "__main__":
+    patches = sys.argv.pop(1).split(",")
+    if "imaplib-debug-off" in patches:
+        import imapclient
+
+        _init = imapclient.IMAPClient.__init__
+
+        def _quiet_init(self, *args, **kwargs):
+            _init(self, *args, **kwargs)
+            self._imap.debug = 0  # imapclient sets 5: imaplib formats every response for its debug log
+
+        imapclient.IMAPClient.__init__ = _quiet_init
+    if "no-main-reimport" in patches:
+        import importlib.machinery
+
+        # multiprocessing skips re-running a main module named "__main__" in its children.
+        sys.modules["__main__"].__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+    sys.exit(main())
+"""
+
+WHAT_IFS = [
+    ("as is", "none", None),
+    ("imaplib debug off", "imaplib-debug-off", None),
+    ("workers do not re-import the CLI", "no-main-reimport", None),
+    ("both", "imaplib-debug-off,no-main-reimport", None),
+    ("both, parse_workers: 1", "imaplib-debug-off,no-main-reimport", 1),
+    ("as is, parse_workers: 1", "none", 1),
+]
+
+
+def cmd_whatif(args: argparse.Namespace) -> None:
+    """Candidate changes measured on the real CLI (a fresh process per run), median of ``--runs``."""
+    import bench_imap
+
+    server, work, _, user = _fill(args.messages, args.corpus, args.seed)
+    try:
+        wrapper = work / "commsync_wrapper.py"
+        wrapper.write_text(_WRAPPER)
+        rows = []
+        for label, patches, workers in WHAT_IFS:
+            cfg = bench_imap.commsync_config(work, server, user, None, workers, tag=f"-w{workers}")
+            argv = [sys.executable, str(wrapper), patches, "run", "--once", "--dry-run", "-c", str(cfg)]
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)  # warm caches
+            runs = [bench_imap.run_measured(label, args.messages, argv) for _ in range(args.runs)]
+            mid = sorted(runs, key=lambda m: m.seconds)[len(runs) // 2]
+            rows.append((label, runs, mid))
+            print(f"{label}: {[round(m.seconds, 2) for m in runs]}", file=sys.stderr)
+        print(f"## candidate changes, measured: `commsync run --once --dry-run`, {args.messages:,} {args.corpus} messages, "
+              f"median of {args.runs}\n")
+        print("| variant | median s | messages/s | CPU s: main / workers / forkserver | tree PSS peak MB | "
+              "largest RSS MB | main / worker PSS at peak MB | other load, CPUs |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for label, runs, mid in rows:
+            cpu = mid.cpu_by_role
+            main_pss = sum(p.pss for p in mid.at_peak if p.role == "main") / 1024
+            workers = [p.pss for p in mid.at_peak if p.role == "parse worker"]
+            worker_pss = f"{sum(workers) / len(workers) / 1024:.0f}" if workers else "-"
+            print(f"| {label} | {mid.seconds:.2f} | {args.messages / mid.seconds:,.0f} | {cpu.get('main', 0):.2f} / "
+                  f"{cpu.get('parse worker', 0):.2f} / {cpu.get('forkserver', 0):.2f} | {max(m.tree_pss_mb for m in runs):.0f} | "
+                  f"{max(m.maxrss_mb for m in runs):.0f} | {main_pss:.0f} / {worker_pss} | "
+                  f"{', '.join(f'{m.during:.2f}' for m in runs)} |")
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- fetch
 
 
@@ -560,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn, default_n in (("parse", cmd_parse, 3000), ("daemon", cmd_daemon, 10_000), ("fetch", cmd_fetch, 10_000),
-                                ("memory", cmd_memory, 1000)):
+                                ("whatif", cmd_whatif, 10_000), ("memory", cmd_memory, 1000)):
         s = sub.add_parser(name)
         s.set_defaults(fn=fn)
         s.add_argument("--corpus", default="business", choices=list(CORPORA))
@@ -570,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "daemon":
             s.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
             s.add_argument("--keep-raw", help="copy py-spy's raw stacks to this file")
+        if name == "whatif":
+            s.add_argument("--runs", type=int, default=3)
         if name == "memory":
             s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
