@@ -23,8 +23,8 @@ tail, newsletters, attachments, forwards, quoted threads and legacy charsets;
      ``--batch-size``), which neither parses nor stores anything: the limit;
    * ``commsync run --once --dry-run -c CFG`` (the real CLI), stdout to
      /dev/null;
-   * ``commsync verify``, once commsync has it (``verify_argv`` is the hook;
-     until then the row says "n/a (not implemented)");
+   * ``commsync verify``, once it can be timed (``verify_argv`` is the hook;
+     until then the row says why there is no number);
 
    every tool runs as a fresh child process (under GNU time); wall time is
    measured around it and memory two ways: GNU time's ``%M`` (``ru_maxrss``
@@ -457,23 +457,30 @@ def check_dry_run(commsync: str, cfg: Path, work: Path, expected: int) -> tuple[
 
 VERIFY_TOOL = "commsync verify"
 VERIFY_MISSING = "n/a (not implemented)"
+VERIFY_NO_STORE = "n/a (hook not filled: needs a store holding the synced mailbox)"
 
 
-def verify_argv(commsync: str, cfg: Path) -> list[str] | None:
-    """HOOK for the `commsync verify` row: the command line that times it on the
-    benchmark's mailbox, or None while commsync has no such command
-    (``commsync verify --help`` fails), and the row says "n/a (not implemented)".
+def verify_argv(commsync: str, cfg: Path) -> tuple[list[str] | None, str]:
+    """HOOK for the `commsync verify` row: (the command line that times it on the
+    benchmark's mailbox, or None and why there is no number).
 
-    The step that adds the command fills in what it needs here (a store holding
-    the synced records, its arguments); until then no number is reported.
+    While commsync has no such command (``commsync verify --help`` fails) the
+    row says "n/a (not implemented)". The command compares the mailbox with
+    the records in the store, so timing it needs a store that holds the
+    synced mailbox (a real MongoDB server filled by ``commsync run --once``):
+    the dry run's ``memory://`` store is empty in every process, and verify
+    would have nothing to compare. Until a later step sets that up here, the
+    row says so instead of reporting a number.
     """
     try:
         probe = subprocess.run([commsync, "verify", "--help"], capture_output=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
-        return None
+        return None, VERIFY_MISSING
     if probe.returncode != 0:
-        return None
-    return [commsync, "verify", "-c", str(cfg)]
+        return None, VERIFY_MISSING
+    if json.loads(cfg.read_text())["mongodb"]["uri"].startswith("memory://"):
+        return None, VERIFY_NO_STORE
+    return [commsync, "verify", "-c", str(cfg)], ""
 
 
 # --------------------------------------------------------------------------- parse alone
@@ -731,9 +738,9 @@ def main(argv: list[str] | None = None) -> int:
             fetch_argv = [sys.executable, __file__, "--_fetch-loop", "--host", server.host, "--port", str(server.port),
                           "--user", user.name, "--password", user.password, "--batch-size", str(batch)]
             commsync_argv = [args.commsync, "run", "--once", "--dry-run", "-c", str(cfg)]
-            verify = verify_argv(args.commsync, cfg)
+            verify, why = verify_argv(args.commsync, cfg)
             if verify is None:
-                verify_state[name] = VERIFY_MISSING
+                verify_state[name] = why
 
             def record(m: Measure, name: str = name) -> Measure:
                 m.corpus = name
@@ -862,8 +869,8 @@ def main(argv: list[str] | None = None) -> int:
         f"chunks of {batch}, nothing parsed or stored) is the limit for a Python IMAP client; in parentheses the "
         "same with imaplib's debug level set back to 0 (imapclient sets it to 5, and imaplib then formats every "
         "response, message bodies included, for a debug log).",
-        f"- {VERIFY_TOOL}: {VERIFY_MISSING} until commsync has the command (`commsync verify --help` fails); "
-        "`verify_argv()` in this script is the hook that times it then.",
+        f"- {VERIFY_TOOL}: {', '.join(sorted(set(verify_state.values()))) or 'timed'}; `verify_argv()` in this script "
+        "is the hook that times it (it needs a store holding the synced mailbox, which the dry run does not make).",
     ]
     for name, rows in parse_rows.items():
         out += ["", f"Parsing alone, one core, the {name} corpus's first {args.parse_sample:,} messages (in the bench process):", "",

@@ -98,8 +98,8 @@ def _short(path: str) -> str:
 
 def cmd_parse(args: argparse.Namespace) -> None:
     from commsync.connectors.mail import normalize_email
-    from commsync.connectors.parsing import MailOptions, RawMail
-    from commsync.daemon.runner import _json_default
+    from commsync.connectors.mailpool import MailOptions, RawMail
+    from commsync.daemon.text import json_default
 
     samples = _samples(args.corpus, args.messages, args.seed)
     total_bytes = sum(len(raw) for _, raw in samples)
@@ -140,7 +140,7 @@ def cmd_parse(args: argparse.Namespace) -> None:
         pickle.loads(blob)
     unpickle_back = time.perf_counter() - t0
     t0 = time.perf_counter()
-    lines = [json.dumps(r, default=_json_default, ensure_ascii=False) for r in records]
+    lines = [json.dumps(r, default=json_default, ensure_ascii=False) for r in records]
     json_secs = time.perf_counter() - t0
 
     n = len(samples)
@@ -316,8 +316,8 @@ def phases(cfg: Path, expected: int) -> None:
     import imapclient
 
     from commsync.connectors import imap as imap_mod
-    from commsync.connectors import parsing
-    from commsync.daemon import cli, runner
+    from commsync.connectors import mailpool
+    from commsync.daemon import cli, runner, sinks
 
     spans: dict[str, list[float]] = defaultdict(list)
     waits: dict[str, float] = defaultdict(float)
@@ -344,8 +344,8 @@ def phases(cfg: Path, expected: int) -> None:
     originals = [
         (imapclient.IMAPClient, "fetch", timed(imapclient.IMAPClient, "fetch", "IMAP thread: IMAPClient.fetch (blocking)", False)),
         (imap_mod.ImapConnector, "_fetch", timed(imap_mod.ImapConnector, "_fetch", "event loop: ImapConnector._fetch (await)", True)),
-        (parsing.MailParser, "parse", timed(parsing.MailParser, "parse", "event loop: MailParser.parse (await the pool)", True)),
-        (runner.DryRunSink, "write", timed(runner.DryRunSink, "write", "event loop: DryRunSink.write (JSON + stdout)", True)),
+        (mailpool.MailParser, "parse", timed(mailpool.MailParser, "parse", "event loop: MailParser.parse (await the pool)", True)),
+        (sinks.DryRunSink, "write", timed(sinks.DryRunSink, "write", "event loop: DryRunSink.write (JSON + stdout)", True)),
         (imap_mod.ImapConnector, "_normalize",
          timed(imap_mod.ImapConnector, "_normalize", "event loop: ImapConnector._normalize (parse + checks)", True)),
     ]
@@ -426,30 +426,38 @@ def cmd_whatif(args: argparse.Namespace) -> None:
     """Candidate changes measured on the real CLI (a fresh process per run), median of ``--runs``."""
     import bench_imap
 
+    bench_imap.QUIET_TIMEOUT = args.quiet_timeout
     server, work, _, user = _fill(args.messages, args.corpus, args.seed)
     try:
         wrapper = work / "commsync_wrapper.py"
         wrapper.write_text(_WRAPPER)
-        rows = []
+        variants = []
         for label, patches, workers in WHAT_IFS:
             cfg = bench_imap.commsync_config(work, server, user, None, workers, tag=f"-w{workers}")
             argv = [sys.executable, str(wrapper), patches, "run", "--once", "--dry-run", "-c", str(cfg)]
             subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)  # warm caches
-            runs = [bench_imap.run_measured(label, args.messages, argv) for _ in range(args.runs)]
+            variants.append((label, argv, []))
+        # Round-robin: every round runs each variant once, so other load hits them alike.
+        for _ in range(args.runs):
+            for label, argv, runs in variants:
+                runs.append(bench_imap.run_measured(label, args.messages, argv))
+        rows = []
+        for label, _, runs in variants:
             mid = sorted(runs, key=lambda m: m.seconds)[len(runs) // 2]
             rows.append((label, runs, mid))
             print(f"{label}: {[round(m.seconds, 2) for m in runs]}", file=sys.stderr)
         print(f"## candidate changes, measured: `commsync run --once --dry-run`, {args.messages:,} {args.corpus} messages, "
               f"median of {args.runs}\n")
-        print("| variant | median s | messages/s | CPU s: main / workers / forkserver | tree PSS peak MB | "
+        print("| variant | median s | messages/s | best s | CPU s: main / workers / forkserver | tree PSS peak MB | "
               "largest RSS MB | main / worker PSS at peak MB | other load, CPUs |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for label, runs, mid in rows:
             cpu = mid.cpu_by_role
             main_pss = sum(p.pss for p in mid.at_peak if p.role == "main") / 1024
             workers = [p.pss for p in mid.at_peak if p.role == "parse worker"]
             worker_pss = f"{sum(workers) / len(workers) / 1024:.0f}" if workers else "-"
-            print(f"| {label} | {mid.seconds:.2f} | {args.messages / mid.seconds:,.0f} | {cpu.get('main', 0):.2f} / "
+            print(f"| {label} | {mid.seconds:.2f} | {args.messages / mid.seconds:,.0f} | {min(m.seconds for m in runs):.2f} | "
+                  f"{cpu.get('main', 0):.2f} / "
                   f"{cpu.get('parse worker', 0):.2f} / {cpu.get('forkserver', 0):.2f} | {max(m.tree_pss_mb for m in runs):.0f} | "
                   f"{max(m.maxrss_mb for m in runs):.0f} | {main_pss:.0f} / {worker_pss} | "
                   f"{', '.join(f'{m.during:.2f}' for m in runs)} |")
@@ -533,8 +541,9 @@ def _rollup(pid: int | str = "self") -> dict[str, int]:
 
 _IMPORTS = {
     "bare interpreter": "",
-    "commsync.connectors.parsing (what workers need)": "import commsync.connectors.parsing",
-    "+ inscriptis (lxml), the forkserver's preload": "import commsync.connectors.parsing, inscriptis",
+    "commsync.connectors.mailpool (what workers need)": "import commsync.connectors.mailpool",
+    "+ the rest of the forkserver's preload (lifeline, inscriptis, charset_normalizer)":
+        "import commsync.connectors.lifeline, commsync.connectors.mailpool, inscriptis, charset_normalizer",
     "commsync.daemon.cli (the main process)": "import commsync.daemon.cli",
     "commsync.daemon.cli + store driver (motor, mongomock)": "import commsync.daemon.cli, motor.motor_asyncio, mongomock_motor",
 }
@@ -542,7 +551,7 @@ _IMPORTS = {
 
 def _worker_probe(items, options) -> dict:
     """In a pool worker: its memory before and after parsing ``items``, and its module count."""
-    from commsync.connectors.parsing import normalize_many
+    from commsync.connectors.mailpool import normalize_many
 
     before = _rollup()
     normalize_many(items, options)
@@ -555,7 +564,7 @@ def probe_pool(corpus: str, messages: int, seed: int, workers: int) -> dict:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from commsync.connectors.parsing import PRELOAD, MailOptions, RawMail
+    from commsync.connectors.mailpool import PRELOAD, MailOptions, RawMail
 
     samples = _samples(corpus, messages, seed)
     items = [RawMail(raw, None, False, {"uid": i}) for i, (_, raw) in enumerate(samples)]
@@ -655,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--keep-raw", help="copy py-spy's raw stacks to this file")
         if name == "whatif":
             s.add_argument("--runs", type=int, default=3)
+            s.add_argument("--quiet-timeout", type=float, default=30.0, help="longest wait for a quiet machine before a run")
         if name == "memory":
             s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
