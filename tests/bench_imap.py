@@ -1,32 +1,39 @@
 #!/usr/bin/env python3
-"""IMAP capture benchmark: commsync vs mbsync vs a bare imapclient loop.
+"""IMAP capture benchmark: commsync vs mbsync vs a bare imapclient loop, on two corpora.
 
 Run by hand (pytest collects ``test_*.py`` only, so this file is never
 collected)::
 
-    .venv/bin/python tests/bench_imap.py --messages 10000 --runs 3
+    .venv/bin/python tests/bench_imap.py --messages 10000 --runs 3 --double-runs 3
 
-What it does:
+What it does, for each corpus of ``--corpus`` (``tests/bench_corpus.py``:
+``business``, generated business mail of about 9 KiB on average with a heavy
+tail, newsletters, attachments, forwards, quoted threads and legacy charsets;
+``small``, the original 4 KiB corpus), each in a mailbox of its own:
 
 1. starts the private test Dovecot (``tests/dovecot.py``), creates a user and
-   fills its INBOX with N generated "typical" messages (MULTIAPPEND, a few
-   hundred messages per command, one connection);
+   fills its INBOX with N generated messages (MULTIAPPEND, a few MB per
+   command, one connection);
 2. for each of ``--runs``, times on the same mailbox
 
    * ``mbsync`` (Debian isync) pulling INBOX into a fresh Maildir over the
      plain port, once with ``FSync no`` (the strictest baseline: no disk
      flushes, like commsync's dry run) and once with isync's defaults;
    * a bare imapclient ``UID FETCH BODY.PEEK[]`` loop (chunks of
-     ``--batch-size``), which neither parses nor stores anything;
+     ``--batch-size``), which neither parses nor stores anything: the limit;
    * ``commsync run --once --dry-run -c CFG`` (the real CLI), stdout to
      /dev/null;
+   * ``commsync verify``, once it can be timed (``verify_argv`` is the hook;
+     until then the row says why there is no number);
 
    every tool runs as a fresh child process (under GNU time); wall time is
    measured around it and memory two ways: GNU time's ``%M`` (``ru_maxrss``
    of the largest single process among the tool and the descendants it
-   reaped) and the peak of the summed RSS and PSS of the whole process tree,
-   sampled every 50 ms (this counts the forkserver and the parse pool's worker
-   processes, which run concurrently);
+   reaped) and the peak of the summed RSS and PSS (``/proc/PID/smaps_rollup``)
+   of the whole process tree, sampled every 50 ms (this counts the
+   forkserver, the parse pool's workers and the resource tracker, which run
+   concurrently; PSS counts a page they share once), with the tree's
+   per-process breakdown at the PSS peak;
    a dry run before the timed ones warms Dovecot's caches and checks that
    commsync printed exactly N JSON lines (one per message, distinct UIDs);
 3. appends another N messages and runs every tool ``--double-runs`` times at
@@ -40,19 +47,19 @@ skewed: before each run the script waits (``--quiet-cpus``,
 CPU that other user-space processes used while it ran. It also records a
 fingerprint of the product sources and says if they changed mid-run.
 
-The result is a markdown table on stdout (``--markdown FILE`` also writes it
-to FILE, with the command line). Exit status 1 when a measurement failed
-(the others are still reported).
+The result is markdown on stdout (``--markdown FILE`` also writes it to
+FILE, with the command line): first a summary table for the README (messages/s
+per tool and corpus, commsync / mbsync with its defaults, commsync's memory),
+then every run, then commsync's memory per process. Exit status 1 when a
+measurement failed (the others are still reported).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import os
-import random
 import shlex
 import shutil
 import signal
@@ -62,12 +69,10 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from email import policy
-from email.message import EmailMessage
 from email.parser import BytesParser
-from email.utils import format_datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -84,102 +89,22 @@ TIME_BIN = "/usr/bin/time"  # GNU time (Debian package "time")
 QUIET_CPUS = 0.15
 QUIET_TIMEOUT = 120.0
 SERVER_PID: int | None = None  # the Dovecot master, whose CPU counts as the benchmark's
-OWN_DOMAIN = "ourco.example"
 
-# --------------------------------------------------------------------------- messages
+from bench_corpus import CORPORA, CORPUS_DESCRIPTIONS, OWN_ADDRESS, OWN_DOMAIN  # noqa: E402  (after sys.path)
 
-_RELAYS = ["mx1.example.net", "mail-eu1.example.com", "relay.provider.example", "smtp.partner.example"]
-_NON_ASCII = [
-    # (display name, subject, paragraph)
-    ("Jürgen Weiß", "Lieferung für Größe XL – Bestätigung",
-     "Sehr geehrte Damen und Herren, die Lieferung über 12 Paletten trifft voraussichtlich am Donnerstag ein. "
-     "Bitte bestätigen Sie die Übernahme; Rückfragen gern an unser Büro in München."),
-    ("Élodie Lefèvre", "Réf. commande n° 4711 — délai de livraison",
-     "Bonjour, pourriez-vous confirmer la date de livraison prévue ? Le règlement sera effectué à réception "
-     "de la facture. Très cordialement, l'équipe achats."),
-    ("Søren Ødegård", "Tilbud på årlig fornyelse",
-     "Hei, takk for tilbudet. Vi ønsker å fornye avtalen for ett år til, men prisen må justeres før vi signerer."),
-    ("山田 太郎", "お見積もりのご依頼（至急）",
-     "いつもお世話になっております。添付の仕様にてお見積もりをお願いできますでしょうか。納期は来月末を希望します。"),
-    ("Zoë Brontë-Núñez", "Invoice ✓ paid – thanks!",
-     "Hi — the invoice was paid this morning; you should see it in 2–3 days. Cheers, Zoë"),
-]
-
-
-def _trace_headers(rng: random.Random, n: int, when: datetime) -> list[tuple[str, str]]:
-    """Transport headers real mail carries (Received chain, DKIM, ...): about 1 KB."""
-    headers = []
-    for hop in range(rng.randint(2, 4)):
-        relay = rng.choice(_RELAYS)
-        stamp = format_datetime(when + timedelta(seconds=hop))
-        headers.append((
-            "Received",
-            f"from {relay} ({relay} [192.0.2.{rng.randint(1, 254)}])\r\n\tby mx.{OWN_DOMAIN} (Postfix) "
-            f"with ESMTPS id {rng.getrandbits(40):010X}\r\n\tfor <sales@{OWN_DOMAIN}>; {stamp}",
-        ))
-    sig = base64.b64encode(rng.randbytes(128)).decode()
-    headers.append((
-        "DKIM-Signature",
-        "v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com; s=sel1; h=from:to:subject:date:message-id;\r\n\t"
-        f"bh={base64.b64encode(rng.randbytes(32)).decode()};\r\n\tb={sig[:76]}\r\n\t{sig[76:]}",
-    ))
-    headers.append(("Authentication-Results", f"mx.{OWN_DOMAIN}; dkim=pass header.d=example.com; spf=pass; dmarc=pass"))
-    headers.append(("X-Mailer", rng.choice(["Microsoft Outlook 16.0", "Apple Mail (2.3774)", "Thunderbird 128.3"])))
-    if rng.random() < 0.3:
-        headers.append(("List-Unsubscribe", f"<mailto:unsubscribe-{n}@lists.example.com>, <https://example.com/u/{n}>"))
-    return headers
-
-
-def typical_message(n: int, seed: int = 0) -> bytes:
-    """One message of a realistic mix, deterministic for (n, seed).
-
-    About 4 KB on average (with ~1 KB of transport headers: Received, DKIM,
-    ...); 30% with an HTML alternative, 10% with a small attachment, 15% with
-    non-ASCII names/subjects/bodies (half of those 8-bit), 35% replies.
-    """
-    from mailgen import message  # the project's test message generator
-
-    rng = random.Random(n * 7919 + seed)
-    html = rng.random() < 0.30
-    attachment = rng.randbytes(rng.randint(2_000, 12_000)) if rng.random() < 0.10 else None
-    when = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(minutes=7 * n)
-    sender = rng.choice(["alice@example.com", "bob@customer.example", "orders@bigcorp.example", "j.smith@partner.example"])
-    reply_to = f"<msg-{n - 1}-0@mail.example.com>" if n and rng.random() < 0.35 else None
-    if rng.random() < 0.15:
-        name, subject, para = rng.choice(_NON_ASCII)
-        msg = EmailMessage()
-        msg["From"] = f"{name} <{sender}>"
-        msg["To"] = f"Sales <sales@{OWN_DOMAIN}>"
-        msg["Subject"] = subject
-        msg["Date"] = format_datetime(when)
-        msg["Message-ID"] = f"<msg-{n}-{rng.randrange(10**9)}@mail.example.com>"
-        if reply_to:
-            msg["In-Reply-To"] = msg["References"] = reply_to
-        body = "\n\n".join([para] * rng.randint(2, 6))
-        # Half as raw 8-bit UTF-8 (RFC 6532 style senders), half as the default (base64/QP).
-        msg.set_content(f"{body}\n\n-- \n{name}\n", **({"cte": "8bit"} if rng.random() < 0.5 else {}))
-        if html:
-            msg.add_alternative(f"<html><body><p>{body}</p><p>{name}</p></body></html>", subtype="html")
-        if attachment is not None:
-            msg.add_attachment(attachment, maintype="application", subtype="pdf", filename=f"Rechnung-{n}-Größe.pdf")
-        raw = msg.as_bytes()
-    else:
-        raw = message(
-            n,
-            sender=sender,
-            to=f"sales@{OWN_DOMAIN}",
-            date=when,
-            in_reply_to=reply_to,
-            html=html,
-            attachment=attachment,
-            seed=n * 31 + seed,
-        )
-    trace = "".join(f"{k}: {v}\r\n" for k, v in _trace_headers(rng, n, when)).encode()
-    # Wire format: CRLF line endings, transport headers first (as an MTA adds them).
-    return trace + raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
+Corpus = Callable[[int, int], bytes]
 
 # --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class ProcMem:
+    """One process of a tool's tree at the moment the tree's summed PSS peaked (KiB)."""
+
+    role: str
+    rss: int
+    pss: int
+    uss: int  # private pages (Private_Clean + Private_Dirty): what ending it would free
 
 
 @dataclass
@@ -194,6 +119,9 @@ class Measure:
     note: str = ""
     background: float = 0.0  # busy CPUs measured just before the run (other processes)
     during: float = 0.0  # CPUs that processes outside the benchmark used during the run (average)
+    corpus: str = ""
+    at_peak: list[ProcMem] = field(default_factory=list)  # the tree when its PSS peaked
+    cpu_by_role: dict[str, float] = field(default_factory=dict)  # CPU seconds (user + system) per process role
 
 
 def _proc_table() -> dict[int, tuple[int, int]]:
@@ -219,9 +147,14 @@ def _children_map(table: dict[int, tuple[int, int]] | None = None) -> dict[int, 
     return kids
 
 
-def _mem_kb(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) of one process in KiB; PSS splits shared pages among their users."""
-    rss = pss = 0
+def _mem_kb(pid: int) -> tuple[int, int, int]:
+    """(RSS, PSS, USS) of one process in KiB, from /proc/PID/smaps_rollup.
+
+    PSS splits each shared page among the processes that map it, so the PSS
+    of a process tree counts every page once (the forkserver's pages that its
+    workers still share, shared libraries); USS is the private pages alone.
+    """
+    rss = pss = uss = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
             for line in f:
@@ -229,9 +162,35 @@ def _mem_kb(pid: int) -> tuple[int, int]:
                     rss = int(line.split()[1])
                 elif line.startswith(b"Pss:"):
                     pss = int(line.split()[1])
+                elif line.startswith((b"Private_Clean:", b"Private_Dirty:")):
+                    uss += int(line.split()[1])
     except (OSError, IndexError, ValueError):
         pass
-    return rss, pss
+    return rss, pss, uss
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _role(pid: int, ppid: int, root: int) -> str:
+    """What a process of a tool's tree is: the tool itself, or one of multiprocessing's helpers.
+
+    Parse workers are forked from the forkserver and keep its command line,
+    so they are told apart by their parent.
+    """
+    if ppid == root:
+        return "main"
+    cmd = _cmdline(pid)
+    if b"resource_tracker" in cmd:
+        return "resource tracker"
+    if b"multiprocessing.forkserver" in cmd:
+        return "parse worker" if b"multiprocessing.forkserver" in _cmdline(ppid) else "forkserver"
+    return "other"
 
 
 def _descendants(kids: dict[int, list[int]], root: int) -> list[int]:
@@ -259,6 +218,9 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.server_pid, self.interval = pid, server_pid, interval
         self.peak_rss_kb = self.peak_pss_kb = 0
+        self.at_peak: list[ProcMem] = []
+        self.cpu_by_role: dict[str, float] = {}
+        self._roles: dict[int, str] = {}
         self.max_procs = 0
         self.foreign_cpus = 0.0
         self._first: dict[int, int] = {}
@@ -273,7 +235,13 @@ class TreeSampler(threading.Thread):
         tree = _descendants(kids, self.pid)
         mem = [_mem_kb(p) for p in tree]
         self.peak_rss_kb = max(self.peak_rss_kb, sum(m[0] for m in mem))
-        self.peak_pss_kb = max(self.peak_pss_kb, sum(m[1] for m in mem))
+        for p in tree:
+            if p not in self._roles:
+                self._roles[p] = _role(p, table[p][0], self.pid)
+        pss = sum(m[1] for m in mem)
+        if pss > self.peak_pss_kb:
+            self.peak_pss_kb = pss
+            self.at_peak = [ProcMem(self._roles[p], *m) for p, m in zip(tree, mem, strict=True)]
         self.max_procs = max(self.max_procs, len(tree))
         ours = set(tree)
         if self.server_pid:
@@ -299,6 +267,9 @@ class TreeSampler(threading.Thread):
         b1, t1 = _cpu_busy()
         tick = os.sysconf("SC_CLK_TCK")
         ours = sum(self._last[p] - self._first[p] for p in self._last) / tick + (time.process_time() - cpu0)
+        for p, role in self._roles.items():
+            if p in self._last:
+                self.cpu_by_role[role] = self.cpu_by_role.get(role, 0.0) + (self._last[p] - self._first[p]) / tick
         busy = (b1 - b0) / tick  # user + nice + system ticks (USER_HZ), summed over CPUs
         self.foreign_cpus = max(0.0, busy - ours) / max(1e-3, time.perf_counter() - w0)
 
@@ -354,22 +325,26 @@ def run_measured(tool: str, messages: int, argv: list[str], *, stdout=subprocess
         tail = Path(stderr_path).read_text(errors="replace")[-3000:] if stderr_path else ""
         raise RuntimeError(f"{tool} exited with {proc.returncode}: {shlex.join(argv)}\n{tail}")
     return Measure(tool, messages, seconds, maxrss_kb / 1024, sampler.peak_rss_kb / 1024, sampler.peak_pss_kb / 1024,
-                   note=f"{sampler.max_procs} procs", background=background, during=sampler.foreign_cpus)
+                   note=f"{sampler.max_procs} procs", background=background, during=sampler.foreign_cpus,
+                   at_peak=sampler.at_peak, cpu_by_role=sampler.cpu_by_role)
 
 
 # --------------------------------------------------------------------------- the tools
 
 
-def fill_mailbox(server, user, start: int, count: int, seed: int, chunk: int = 250) -> tuple[int, float]:
-    """MULTIAPPEND ``count`` messages to INBOX; returns (total bytes, seconds)."""
+def fill_mailbox(server, user, corpus: Corpus, start: int, count: int, seed: int, chunk_bytes: int = 4 << 20) -> tuple[int, float]:
+    """MULTIAPPEND messages ``start`` .. ``start + count - 1`` of ``corpus`` to INBOX; returns (total bytes, seconds)."""
     t0 = time.perf_counter()
     total = 0
     client = server.client(user.name, timeout=120)
     try:
-        for lo in range(start, start + count, chunk):
-            batch = [typical_message(i, seed) for i in range(lo, min(lo + chunk, start + count))]
-            total += sum(map(len, batch))
-            client.multiappend("INBOX", batch)
+        batch: list[bytes] = []
+        for i in range(start, start + count):
+            batch.append(corpus(i, seed))
+            if sum(map(len, batch)) >= chunk_bytes or len(batch) >= 250 or i == start + count - 1:
+                total += sum(map(len, batch))
+                client.multiappend("INBOX", batch)
+                batch = []
         have = client.folder_status("INBOX", ["MESSAGES"])[b"MESSAGES"]
     finally:
         client.logout()
@@ -428,6 +403,10 @@ def fetch_loop_main(args: argparse.Namespace) -> int:
     from imapclient import IMAPClient
 
     client = IMAPClient(args.host, port=args.port, ssl=False, timeout=120)
+    if args.imaplib_debug_off:
+        # imapclient sets imaplib's debug level to 5, and imaplib then formats every
+        # response (message bodies included) for a debug log nobody reads.
+        client._imap.debug = 0
     client.login(args.user, args.password)
     client.select_folder("INBOX", readonly=True)
     uids = sorted(client.search(["ALL"]))
@@ -444,14 +423,14 @@ def fetch_loop_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def commsync_config(work: Path, server, user, batch_size: int | None, workers: int | None) -> Path:
-    box = server.mailbox(user, name="bench", addresses=[f"sales@{OWN_DOMAIN}"], folders=["INBOX"])
+def commsync_config(work: Path, server, user, batch_size: int | None, workers: int | None, tag: str = "") -> Path:
+    box = server.mailbox(user, name="bench", addresses=[OWN_ADDRESS], folders=["INBOX"])
     if batch_size:
         box["batch_size"] = batch_size
     cfg: dict = {"mongodb": {"uri": "memory://"}, "internal_domains": [OWN_DOMAIN], "mailboxes": [box]}
     if workers:
         cfg["daemon"] = {"parse_workers": workers}
-    path = work / "commsync.yaml"
+    path = work / f"commsync{tag}.yaml"
     path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
     return path
 
@@ -468,21 +447,52 @@ def check_dry_run(commsync: str, cfg: Path, work: Path, expected: int) -> tuple[
             rec = json.loads(line)
             lines += 1
             ids.add(rec["sources"][0]["uid"])
+    out_path.unlink()
     if lines != expected or len(ids) != expected:
         raise RuntimeError(f"commsync dry run printed {lines} JSON lines ({len(ids)} distinct UIDs), expected {expected}")
     return lines, m
 
 
+# --------------------------------------------------------------------------- commsync verify (hook)
+
+VERIFY_TOOL = "commsync verify"
+VERIFY_MISSING = "n/a (not implemented)"
+VERIFY_NO_STORE = "n/a (hook not filled: needs a store holding the synced mailbox)"
+
+
+def verify_argv(commsync: str, cfg: Path) -> tuple[list[str] | None, str]:
+    """HOOK for the `commsync verify` row: (the command line that times it on the
+    benchmark's mailbox, or None and why there is no number).
+
+    While commsync has no such command (``commsync verify --help`` fails) the
+    row says "n/a (not implemented)". The command compares the mailbox with
+    the records in the store, so timing it needs a store that holds the
+    synced mailbox (a real MongoDB server filled by ``commsync run --once``):
+    the dry run's ``memory://`` store is empty in every process, and verify
+    would have nothing to compare. Until a later step sets that up here, the
+    row says so instead of reporting a number.
+    """
+    try:
+        probe = subprocess.run([commsync, "verify", "--help"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, VERIFY_MISSING
+    if probe.returncode != 0:
+        return None, VERIFY_MISSING
+    if json.loads(cfg.read_text())["mongodb"]["uri"].startswith("memory://"):
+        return None, VERIFY_NO_STORE
+    return [commsync, "verify", "-c", str(cfg)], ""
+
+
 # --------------------------------------------------------------------------- parse alone
 
 
-def parse_costs(n: int, seed: int, sample: int) -> list[tuple[str, float]]:
-    """Single-core cost of parsing alone, messages/s, on the same generated mail."""
+def parse_costs(corpus: Corpus, seed: int, sample: int) -> list[tuple[str, float]]:
+    """Single-core cost of parsing alone, messages/s, on the corpus's first ``sample`` messages."""
     from commsync.connectors.mail import normalize_email
 
-    msgs = [typical_message(i, seed) for i in range(min(n, sample))]
+    msgs = [corpus(i, seed) for i in range(sample)]
     compat, default = BytesParser(policy=policy.compat32), BytesParser(policy=policy.default)
-    own, domains = frozenset({f"sales@{OWN_DOMAIN}"}), frozenset({OWN_DOMAIN})
+    own, domains = frozenset({OWN_ADDRESS}), frozenset({OWN_DOMAIN})
 
     def default_full(raw: bytes) -> None:
         m = default.parsebytes(raw)
@@ -523,22 +533,113 @@ def fingerprint(hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _fmt_table(results: list[Measure]) -> list[str]:
-    groups: dict[tuple[str, int], list[Measure]] = {}
+COMMSYNC_TOOL = "commsync run --once --dry-run"
+MBSYNC_DEFAULT = "mbsync (defaults)"
+MBSYNC_NOFSYNC = "mbsync (FSync no)"
+FETCH_TOOL = "bare imapclient UID FETCH loop"
+FETCH_TOOL_NODEBUG = "bare imapclient UID FETCH loop, imaplib debug off"
+
+
+def _groups(results: list[Measure]) -> dict[tuple[str, int, str], list[Measure]]:
+    groups: dict[tuple[str, int, str], list[Measure]] = {}
     for m in results:
-        groups.setdefault((m.tool, m.messages), []).append(m)
+        groups.setdefault((m.corpus, m.messages, m.tool), []).append(m)
+    return groups
+
+
+def _median_rate(ms: list[Measure] | None, pick: Callable = statistics.median) -> float | None:
+    return ms[0].messages / pick(m.seconds for m in ms) if ms else None
+
+
+def _fmt_summary(results: list[Measure], sizes: dict[str, float], verify: dict[str, str],
+                 pick: Callable = statistics.median) -> list[str]:
+    """The README table: messages/s per tool and corpus, commsync / mbsync, commsync's memory.
+
+    ``pick`` chooses the time of a group's runs: the median, or the best (min) on a machine
+    that other work disturbs (interference only ever adds time)."""
+    groups = _groups(results)
     lines = [
-        "| tool | messages | median s | messages/s | peak RSS MB (largest process) "
-        "| peak RSS MB (process tree) | peak PSS MB (process tree) | all runs, s | other load during runs, CPUs |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| corpus (avg size) | messages | commsync dry run | mbsync, defaults | mbsync, `FSync no` | bare fetch loop (imaplib debug off) "
+        "| commsync / mbsync defaults | commsync peak PSS, process tree | commsync peak RSS, largest process "
+        f"| {VERIFY_TOOL} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (tool, n), ms in groups.items():
+    keys = sorted({(c, n) for c, n, _ in groups}, key=lambda k: (list(sizes).index(k[0]) if k[0] in sizes else 99, k[1]))
+
+    def rate(r: float | None) -> str:
+        return f"{r:,.0f}/s" if r else "failed"
+
+    for corpus, n in keys:
+        ours = groups.get((corpus, n, COMMSYNC_TOOL))
+        rates = {t: _median_rate(groups.get((corpus, n, t)), pick)
+                 for t in (COMMSYNC_TOOL, MBSYNC_DEFAULT, MBSYNC_NOFSYNC, FETCH_TOOL, FETCH_TOOL_NODEBUG)}
+        ratio = f"{rates[COMMSYNC_TOOL] / rates[MBSYNC_DEFAULT]:.2f}x" if rates[COMMSYNC_TOOL] and rates[MBSYNC_DEFAULT] else "-"
+        pss = f"{max(m.tree_pss_mb for m in ours):.0f} MB" if ours else "-"
+        rss = f"{max(m.maxrss_mb for m in ours):.0f} MB" if ours else "-"
+        ver = groups.get((corpus, n, VERIFY_TOOL))
+        lines.append(
+            f"| {corpus} ({sizes.get(corpus, 0):.1f} KiB) | {n:,} | **{rate(rates[COMMSYNC_TOOL])}** | {rate(rates[MBSYNC_DEFAULT])} "
+            f"| {rate(rates[MBSYNC_NOFSYNC])} | {rate(rates[FETCH_TOOL])} ({rate(rates[FETCH_TOOL_NODEBUG])}) | **{ratio}** | {pss} | {rss} "
+            f"| {rate(_median_rate(ver, pick)) if ver else verify.get(corpus, VERIFY_MISSING)} |"
+        )
+    return lines
+
+
+def _fmt_table(results: list[Measure]) -> list[str]:
+    lines = [
+        "| corpus | tool | messages | median s | messages/s | best s | peak RSS MB (largest process) "
+        "| peak RSS MB (process tree) | peak PSS MB (process tree) | all runs, s | other load during runs, CPUs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for (corpus, n, tool), ms in _groups(results).items():
         sec = statistics.median(m.seconds for m in ms)
         lines.append(
-            f"| {tool} | {n:,} | {sec:.2f} | {n / sec:,.0f} | "
+            f"| {corpus} | {tool} | {n:,} | {sec:.2f} | {n / sec:,.0f} | {min(m.seconds for m in ms):.2f} | "
             f"{max(m.maxrss_mb for m in ms):.0f} | {max(m.tree_mb for m in ms):.0f} | {max(m.tree_pss_mb for m in ms):.0f} | "
             f"{', '.join(f'{m.seconds:.2f}' for m in ms)} | {', '.join(f'{m.during:.2f}' for m in ms)} |"
         )
+    return lines
+
+
+def _fmt_cpu(results: list[Measure]) -> list[str]:
+    """commsync's CPU seconds per process role (the median-time run of each group) against its wall time."""
+    roles = ["main", "parse worker", "forkserver", "resource tracker"]
+    lines = ["| corpus | messages | wall s | CPU s: " + " | ".join(roles) + " | CPUs busy (all roles / wall) |",
+             "|---|---:|---:|" + "---:|" * len(roles) + "---:|"]
+    for (corpus, n, tool), ms in _groups(results).items():
+        if tool != COMMSYNC_TOOL:
+            continue
+        mid = sorted(ms, key=lambda m: m.seconds)[len(ms) // 2]
+        cpu = mid.cpu_by_role
+        lines.append(f"| {corpus} | {n:,} | {mid.seconds:.2f} | " + " | ".join(f"{cpu.get(r, 0):.2f}" for r in roles)
+                     + f" | {sum(cpu.values()) / mid.seconds:.2f} |")
+    return lines
+
+
+def _fmt_memory(results: list[Measure]) -> list[str]:
+    """commsync's tree at its PSS peak, per role (the run with the highest peak of each group)."""
+    lines = [
+        "| corpus | messages | process tree PSS | main PSS (RSS) | forkserver PSS (RSS) | parse workers: n x PSS (RSS, private) "
+        "| resource tracker PSS (RSS) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (corpus, n, tool), ms in _groups(results).items():
+        if tool != COMMSYNC_TOOL:
+            continue
+        top = max(ms, key=lambda m: m.tree_pss_mb)
+
+        def cell(role: str, procs: list[ProcMem] = top.at_peak) -> str:
+            these = [p for p in procs if p.role == role]
+            if not these:
+                return "-"
+            if role == "parse worker":
+                k = len(these)
+                return (f"{k} x {sum(p.pss for p in these) / k / 1024:.0f} MB ({sum(p.rss for p in these) / k / 1024:.0f}, "
+                        f"{sum(p.uss for p in these) / k / 1024:.0f})")
+            return f"{sum(p.pss for p in these) / 1024:.0f} MB ({sum(p.rss for p in these) / 1024:.0f})"
+
+        lines.append(f"| {corpus} | {n:,} | {top.tree_pss_mb:.0f} MB | {cell('main')} | {cell('forkserver')} | "
+                     f"{cell('parse worker')} | {cell('resource tracker')} |")
     return lines
 
 
@@ -550,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--messages", type=int, default=10_000, help="messages in the mailbox (default %(default)s)")
+    p.add_argument("--corpus", default="business,small",
+                   help=f"comma-separated corpora to run, each on its own mailbox ({', '.join(CORPORA)}; default %(default)s)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per tool; the median is reported (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="UIDs per FETCH for commsync and the bare loop (default: commsync's own default, 500)")
@@ -567,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", help="also write the result (markdown, with the command line) to this file")
     p.add_argument("--keep", action="store_true", help="keep the Dovecot and work directories")
     p.add_argument("--_fetch-loop", dest="fetch_loop", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--imaplib-debug-off", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--host", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--user", help=argparse.SUPPRESS)
@@ -576,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size = args.batch_size or 500
         return fetch_loop_main(args)
 
+    corpora = [c.strip() for c in args.corpus.split(",") if c.strip()]
+    unknown = [c for c in corpora if c not in CORPORA]
+    if unknown or not corpora:
+        p.error(f"unknown corpus {', '.join(unknown) or '(none)'}; choose from {', '.join(CORPORA)}")
     if not os.path.exists(TIME_BIN):
         sys.exit(f"{TIME_BIN} not found (apt-get install time)")
     if not os.path.exists(MBSYNC):
@@ -596,98 +704,121 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Measure] = []
     notes: list[str] = []
     failures: list[str] = []
+    sizes: dict[str, float] = {}
+    verify_state: dict[str, str] = {}
+    parse_rows: dict[str, list[tuple[str, float]]] = {}
+    loads: list[float] = []
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    def attempt(what: str, fn) -> None:
+        """Run one measurement; a failure is reported and the benchmark goes on."""
+        try:
+            fn()
+        except Exception as exc:
+            first = str(exc).strip().splitlines()
+            last = first[-1] if first else type(exc).__name__
+            failures.append(f"{what}: {(first[0] if first else '')[:200]} ... {last[:300]}")
+            log(f"FAILED {what}: {exc}")
 
     server = DovecotServer(keep_tmpdir=args.keep)
     server.start()
     SERVER_PID = server._proc.pid if server._proc else None
     try:
-        user = server.new_user("bench")
-        nbytes, secs = fill_mailbox(server, user, 0, n, args.seed)
-        log(f"INBOX filled: {n} messages, {nbytes / n / 1024:.1f} KiB average, {nbytes / 2**20:.1f} MiB, in {secs:.1f}s")
-        notes.append(f"mailbox: {n:,} generated messages, {nbytes / n / 1024:.1f} KiB average "
-                     f"({nbytes / 2**20:.1f} MiB); filled by MULTIAPPEND in {secs:.1f} s")
-        cfg = commsync_config(work, server, user, args.batch_size, args.parse_workers)
-        fetch_argv = [sys.executable, __file__, "--_fetch-loop", "--host", server.host, "--port", str(server.port),
-                      "--user", user.name, "--password", user.password, "--batch-size", str(batch)]
-        commsync_argv = [args.commsync, "run", "--once", "--dry-run", "-c", str(cfg)]
+        for name in corpora:
+            corpus = CORPORA[name]
+            user = server.new_user(f"bench{name}")
+            nbytes, secs = fill_mailbox(server, user, corpus, 0, n, args.seed)
+            sizes[name] = nbytes / n / 1024
+            log(f"[{name}] INBOX filled: {n} messages, {nbytes / n / 1024:.1f} KiB average, {nbytes / 2**20:.1f} MiB, in {secs:.1f}s")
+            notes.append(f"{CORPUS_DESCRIPTIONS[name]}: {n:,} messages, {nbytes / n / 1024:.1f} KiB average "
+                         f"({nbytes / 2**20:.1f} MiB); filled by MULTIAPPEND in {secs:.1f} s")
+            cfg = commsync_config(work, server, user, args.batch_size, args.parse_workers, tag=f"-{name}")
+            fetch_argv = [sys.executable, __file__, "--_fetch-loop", "--host", server.host, "--port", str(server.port),
+                          "--user", user.name, "--password", user.password, "--batch-size", str(batch)]
+            commsync_argv = [args.commsync, "run", "--once", "--dry-run", "-c", str(cfg)]
+            verify, why = verify_argv(args.commsync, cfg)
+            if verify is None:
+                verify_state[name] = why
 
+            def record(m: Measure, name: str = name) -> Measure:
+                m.corpus = name
+                results.append(m)
+                loads.append(m.during)
+                return m
 
-        def attempt(what: str, fn) -> None:
-            """Run one measurement; a failure is reported and the benchmark goes on."""
-            try:
-                fn()
-            except Exception as exc:
-                first = str(exc).strip().splitlines()
-                last = first[-1] if first else type(exc).__name__
-                failures.append(f"{what}: {(first[0] if first else '')[:200]} ... {last[:300]}")
-                log(f"FAILED {what}: {exc}")
+            def mbsync_once(count: int, tag: str, fsync: bool, user=user, name=name, record=record) -> None:
+                tool = MBSYNC_DEFAULT if fsync else MBSYNC_NOFSYNC
+                mb_argv, maildir = mbsync_cmd(work, server, user, f"{name}-{tag}-{int(fsync)}", fsync)
+                try:
+                    m = run_measured(tool, count, mb_argv, stderr_path=str(work / "mbsync.stderr"))
+                    got = count_maildir(maildir)
+                finally:
+                    shutil.rmtree(maildir, ignore_errors=True)
+                    os.sync()  # its dirty pages must not be written back during the next tool's run
+                if got != count:
+                    raise RuntimeError(f"mbsync stored {got} messages, expected {count}")
+                record(m)
+                log(f"[{name}] {tool}: {count} in {m.seconds:.2f}s ({count / m.seconds:,.0f}/s), RSS {m.maxrss_mb:.0f} MB")
 
-        def mbsync_once(count: int, tag: str, fsync: bool) -> None:
-            name = "mbsync (FSync no)" if not fsync else "mbsync (defaults)"
-            mb_argv, maildir = mbsync_cmd(work, server, user, f"{tag}-{int(fsync)}", fsync)
-            try:
-                m = run_measured(name, count, mb_argv, stderr_path=str(work / "mbsync.stderr"))
-                got = count_maildir(maildir)
-            finally:
-                shutil.rmtree(maildir, ignore_errors=True)
-                os.sync()  # its dirty pages must not be written back during the next tool's run
-            if got != count:
-                raise RuntimeError(f"mbsync stored {got} messages, expected {count}")
-            results.append(m)
-            log(f"{name}: {count} in {m.seconds:.2f}s ({count / m.seconds:,.0f}/s), RSS {m.maxrss_mb:.0f} MB")
+            def fetch_once(count: int, quiet_imaplib: bool = False, fetch_argv=fetch_argv, name=name, record=record) -> None:
+                out_path = work / "fetch-loop.json"
+                tool = FETCH_TOOL_NODEBUG if quiet_imaplib else FETCH_TOOL
+                with open(out_path, "wb") as out:
+                    m = run_measured(tool, count, fetch_argv + (["--imaplib-debug-off"] if quiet_imaplib else []), stdout=out,
+                                     stderr_path=str(work / "fetch.stderr"))
+                got = json.loads(out_path.read_text())["messages"]
+                if got != count:
+                    raise RuntimeError(f"fetch loop saw {got} messages, expected {count}")
+                m.note = f"chunks of {batch}"
+                record(m)
+                log(f"[{name}] {tool}: {count} in {m.seconds:.2f}s ({count / m.seconds:,.0f}/s), RSS {m.maxrss_mb:.0f} MB")
 
-        def fetch_once(count: int) -> None:
-            out_path = work / "fetch-loop.json"
-            with open(out_path, "wb") as out:
-                m = run_measured(f"imapclient UID FETCH loop (chunks of {batch})", count, fetch_argv, stdout=out,
-                                 stderr_path=str(work / "fetch.stderr"))
-            got = json.loads(out_path.read_text())["messages"]
-            if got != count:
-                raise RuntimeError(f"fetch loop saw {got} messages, expected {count}")
-            results.append(m)
-            log(f"fetch loop: {count} in {m.seconds:.2f}s ({count / m.seconds:,.0f}/s), RSS {m.maxrss_mb:.0f} MB")
+            def commsync_once(count: int, commsync_argv=commsync_argv, name=name, record=record) -> None:
+                m = record(run_measured(COMMSYNC_TOOL, count, commsync_argv, stderr_path=str(work / "commsync.stderr")))
+                log(f"[{name}] commsync: {count} in {m.seconds:.2f}s ({count / m.seconds:,.0f}/s), "
+                    f"RSS {m.maxrss_mb:.0f} MB max process, {m.tree_mb:.0f} MB tree, PSS {m.tree_pss_mb:.0f} MB tree ({m.note}); "
+                    f"other load before/during {m.background:.2f}/{m.during:.2f} CPUs")
 
-        def commsync_once(count: int) -> None:
-            m = run_measured("commsync run --once --dry-run", count, commsync_argv,
-                             stderr_path=str(work / "commsync.stderr"))
-            results.append(m)
-            log(f"commsync: {count} in {m.seconds:.2f}s ({count / m.seconds:,.0f}/s), "
-                f"RSS {m.maxrss_mb:.0f} MB max process, {m.tree_mb:.0f} MB tree ({m.note}); "
-                f"other load before/during {m.background:.2f}/{m.during:.2f} CPUs")
+            def verify_once(count: int, verify=verify, name=name, record=record) -> None:
+                m = record(run_measured(VERIFY_TOOL, count, verify, stderr_path=str(work / "verify.stderr")))
+                log(f"[{name}] verify: {count} in {m.seconds:.2f}s ({count / m.seconds:,.0f}/s)")
 
-        def check(count: int) -> None:
-            lines, m = check_dry_run(args.commsync, cfg, work, count)
-            log(f"commsync dry run printed {lines} JSON lines (expected {count}) in {m.seconds:.1f}s")
-            notes.append(f"check: `commsync run --once --dry-run` printed {lines:,} JSON lines for {count:,} messages "
-                         f"(one per message, distinct UIDs)")
+            def check(count: int, cfg=cfg, name=name) -> None:
+                lines, m = check_dry_run(args.commsync, cfg, work, count)
+                log(f"[{name}] commsync dry run printed {lines} JSON lines (expected {count}) in {m.seconds:.1f}s")
+                notes.append(f"check ({name}): `commsync run --once --dry-run` printed {lines:,} JSON lines for {count:,} "
+                             "messages (one per message, distinct UIDs)")
 
-        def one_round(count: int, tag: str) -> None:
-            for fsync in (False, True):
-                attempt(f"mbsync at {count}", lambda fsync=fsync: mbsync_once(count, tag, fsync))
-            attempt(f"fetch loop at {count}", lambda: fetch_once(count))
-            attempt(f"commsync at {count}", lambda: commsync_once(count))
+            def one_round(count: int, tag: str, name=name, mbsync_once=mbsync_once, fetch_once=fetch_once,
+                          commsync_once=commsync_once, verify_once=verify_once, verify=verify) -> None:
+                for fsync in (False, True):
+                    attempt(f"{name}: mbsync at {count}", lambda fsync=fsync: mbsync_once(count, tag, fsync))
+                attempt(f"{name}: fetch loop at {count}", lambda: fetch_once(count))
+                attempt(f"{name}: fetch loop (imaplib debug off) at {count}", lambda: fetch_once(count, True))
+                attempt(f"{name}: commsync at {count}", lambda: commsync_once(count))
+                if verify is not None:
+                    attempt(f"{name}: verify at {count}", lambda: verify_once(count))
 
-        # Warm-up (Dovecot's indexes and caches) and correctness: one dry run into a file.
-        attempt(f"commsync check run at {n}", lambda: check(n))
-        for r in range(args.runs):
-            log(f"run {r + 1}/{args.runs} at {n} messages")
-            one_round(n, f"r{r}")
+            # Warm-up (Dovecot's indexes and caches) and correctness: one dry run into a file.
+            attempt(f"{name}: commsync check run at {n}", lambda check=check: check(n))
+            for r in range(args.runs):
+                log(f"[{name}] run {r + 1}/{args.runs} at {n} messages")
+                one_round(n, f"r{r}")
 
-        if args.double_runs:
-            nbytes2, secs = fill_mailbox(server, user, n, n, args.seed)
-            os.sync()
-            log(f"INBOX now {2 * n} messages (+{nbytes2 / 2**20:.1f} MiB in {secs:.1f}s)")
-            attempt(f"commsync check run at {2 * n}", lambda: check(2 * n))
-            for r in range(args.double_runs):
-                log(f"run {r + 1}/{args.double_runs} at {2 * n} messages")
-                one_round(2 * n, f"d{r}")
+            if args.double_runs:
+                nbytes2, secs = fill_mailbox(server, user, corpus, n, n, args.seed)
+                os.sync()
+                log(f"[{name}] INBOX now {2 * n} messages (+{nbytes2 / 2**20:.1f} MiB in {secs:.1f}s)")
+                attempt(f"{name}: commsync check run at {2 * n}", lambda check=check: check(2 * n))
+                for r in range(args.double_runs):
+                    log(f"[{name}] run {r + 1}/{args.double_runs} at {2 * n} messages")
+                    one_round(2 * n, f"d{r}")
 
-        parse_rows: list[tuple[str, float]] = []
-        if not args.no_parse_cost:
-            attempt("parse-cost table", lambda: parse_rows.extend(parse_costs(n, args.seed, args.parse_sample)))
+            if not args.no_parse_cost:
+                attempt(f"{name}: parse-cost table",
+                        lambda corpus=corpus, name=name: parse_rows.__setitem__(name, parse_costs(corpus, args.seed, args.parse_sample)))
     finally:
         server.stop()
         if not args.keep:
@@ -699,7 +830,15 @@ def main(argv: list[str] | None = None) -> int:
            f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
            f"{subprocess.run([MBSYNC, '--version'], capture_output=True, text=True).stdout.strip()}, "
            f"Dovecot {_dovecot_version()} on loopback, plain IMAP.", ""]
-    out += _fmt_table(results)
+    out += _fmt_summary(results, sizes, verify_state)
+    if len({m.seconds for m in results}) > 1 and args.runs > 1:
+        out += ["", f"The same with the best of the {args.runs} runs instead of the median (a shared machine only adds time):", ""]
+        out += _fmt_summary(results, sizes, verify_state, min)
+    out += ["", "Every run:", ""] + _fmt_table(results)
+    out += ["", "commsync's memory at the peak of its process tree's PSS (the run with the highest peak), per process:", ""]
+    out += _fmt_memory(results)
+    out += ["", "commsync's CPU per process role (user + system, the median run), against its wall time:", ""]
+    out += _fmt_cpu(results)
     out += [""] + [f"- FAILED {f}" for f in failures] + [f"- {note}" for note in notes]
     if results:
         loud = [m for m in results if m.background > QUIET_CPUS]
@@ -711,6 +850,7 @@ def main(argv: list[str] | None = None) -> int:
             "the tool, not Dovecot, not this script, not kernel threads) used while the tool ran"
             + (f"; {len(busy)} of {len(results)} runs shared the machine with > 0.25 CPUs of other work: their times "
                "are pessimistic" if busy else "; no run shared the machine with more than 0.25 CPUs of other work")
+            + f" (median {statistics.median(loads):.2f}, max {max(loads):.2f} CPUs)."
         )
     hashes_after = source_hashes()
     changed = sorted(k for k in hashes_before.keys() | hashes_after.keys() if hashes_before.get(k) != hashes_after.get(k))
@@ -721,15 +861,21 @@ def main(argv: list[str] | None = None) -> int:
         "- messages/s = messages / median wall seconds; every tool is a fresh process (connect + login included).",
         "- peak RSS (largest process): GNU time's %M, ru_maxrss of the tool and the descendants it reaped (the "
         "largest single one). Process tree: peak, sampled every 50 ms, of the RSS (shared pages counted in every "
-        "process) and PSS (shared pages split) summed over the tool and all its descendants, i.e. including "
-        "commsync's forkserver and parse-pool workers.",
+        "process) and PSS (shared pages split, so counted once: the sum over the tree is what it costs the machine) "
+        "summed over the tool and all its descendants, i.e. including commsync's forkserver, parse-pool workers "
+        "and multiprocessing's resource tracker.",
         "- mbsync pulls INBOX into a fresh Maildir on local disk; `FSync no` is the stricter baseline "
-        "(commsync's dry run writes to /dev/null).",
+        "(commsync's dry run writes to /dev/null). The bare fetch loop (imapclient, `UID FETCH BODY.PEEK[]` in "
+        f"chunks of {batch}, nothing parsed or stored) is the limit for a Python IMAP client; in parentheses the "
+        "same with imaplib's debug level set back to 0 (imapclient sets it to 5, and imaplib then formats every "
+        "response, message bodies included, for a debug log).",
+        f"- {VERIFY_TOOL}: {', '.join(sorted(set(verify_state.values()))) or 'timed'}; `verify_argv()` in this script "
+        "is the hook that times it (it needs a store holding the synced mailbox, which the dry run does not make).",
     ]
-    if parse_rows:
-        out += ["", "Parsing alone, one core, same generated messages (in the bench process):", "",
+    for name, rows in parse_rows.items():
+        out += ["", f"Parsing alone, one core, the {name} corpus's first {args.parse_sample:,} messages (in the bench process):", "",
                 "| parse | messages/s (one core) | ms/message |", "|---|---:|---:|"]
-        out += [f"| {name} | {rate:,.0f} | {1000 / rate:.2f} |" for name, rate in parse_rows]
+        out += [f"| {case} | {rate:,.0f} | {1000 / rate:.2f} |" for case, rate in rows]
     text = "\n".join(out) + "\n"
     print(text)
     if args.markdown:
