@@ -31,11 +31,11 @@ _HTML_TAG = re.compile(r"<[^>]*>")
 class Body:
     """Readable text and attachment metadata of a parsed message."""
 
-    __slots__ = ("attachments", "attachments_truncated", "charset_hint", "hash_text", "text", "truncated", "visited")
+    __slots__ = ("_hash_source", "attachments", "attachments_truncated", "charset_hint", "text", "truncated", "visited")
 
     def __init__(self, msg: Message | None, defects: Defects, max_chars: int) -> None:
         self.text = ""
-        self.hash_text = ""
+        self._hash_source = ""
         self.truncated = False
         self.attachments: list[dict[str, Any]] = []
         self.attachments_truncated = False
@@ -43,6 +43,11 @@ class Body:
         self.visited: list[Message] = []
         if msg is not None:
             self._fill(msg, defects, max_chars)
+
+    @property
+    def hash_text(self) -> str:
+        """The text a message without a Message-ID is identified by (computed only for such messages)."""
+        return collapse(self._hash_source)[:_HASH_CONTENT_CHARS]
 
     @classmethod
     def empty(cls) -> Body:
@@ -60,7 +65,7 @@ class Body:
         if len(text) > limit:
             text, cut = text[:limit], True
         normalized = _normalize_text(text)
-        self.hash_text = collapse(normalized[: _HASH_CONTENT_CHARS * 4])[:_HASH_CONTENT_CHARS]
+        self._hash_source = normalized[: _HASH_CONTENT_CHARS * 4]
         self.truncated = cut or len(normalized) > max_chars
         self.text = normalized[:max_chars]
         self.attachments, self.attachments_truncated = _attachments(leaves, chosen, defects)

@@ -40,7 +40,6 @@ from . import imap_extensions
 from .base import Batch, CredentialsRefused, MalformedItem, RemoteItem, SourceError, TemporarilyUnavailable, describe
 from .mail import normalize_message_id
 from .mailpool import MailParser, RawMail, mail_options
-from .oauth import imap_refusal, token_provider
 
 log = structlog.get_logger(__name__)
 
@@ -107,7 +106,7 @@ class ImapConnector:
         self._in_command = False
         self._log = log.bind(source=self.name)
         # OAuth2 mailboxes log in with a bearer token (SASL XOAUTH2); None: password.
-        self._tokens = token_provider(config)
+        self._tokens = _token_provider(config)
         # Messages found in the folder being read but not yet handed out (for status).
         self.backlog: int | None = None
         # (UIDVALIDITY, next UID) of each folder as of its last scan: IDLE starts
@@ -170,6 +169,8 @@ class ImapConnector:
                 self._log.info("oauth_token_refused", retry="with a fresh token")
                 return self._connect_blocking(fresh_token=True)
             if self._tokens is not None:
+                from .oauth import imap_refusal
+
                 raise CredentialsRefused(f"{imap_refusal(cfg.auth.provider or '', cfg.username)} (server said: {_text(exc)})") from None
             raise CredentialsRefused(f"login refused for {cfg.username}: {_text(exc)}") from None
         except BaseException:
@@ -177,6 +178,9 @@ class ImapConnector:
             raise
         # Keep INTERNALDATE's own offset instead of converting to local naive time.
         client.normalise_times = False
+        # imapclient sets imaplib's debug level to 5, so imaplib formats every response,
+        # message bodies included, for a log line nobody reads: half the IMAP thread's time.
+        client._imap.debug = 0
         return client
 
     def _login(self, client: imapclient.IMAPClient, fresh_token: bool) -> None:
@@ -323,13 +327,20 @@ class ImapConnector:
             return
 
         chunks = await self._chunks(client, uids)
-        pending = asyncio.ensure_future(self._fetch(client, folder, uidvalidity, chunks[0]))
+        # A pipeline two chunks deep: while batch n is stored, chunk n+1 is parsed on the
+        # pool and chunk n+2 is fetched on the IMAP thread (fetches queue in that one thread,
+        # so they stay in order). At most three chunks are in memory, each bounded by bytes.
+        ahead: list[asyncio.Future[Any]] = []
+
+        def refill(first: int) -> None:
+            while len(ahead) < 2 and first + len(ahead) < len(chunks):
+                ahead.append(asyncio.ensure_future(self._read(client, folder, uidvalidity, chunks[first + len(ahead)])))
+
         try:
+            refill(0)
             for n, chunk in enumerate(chunks):
-                raw = await pending
-                # Fetch the next chunk while this one is parsed and stored.
-                pending = asyncio.ensure_future(self._fetch(client, folder, uidvalidity, chunks[n + 1])) if n + 1 < len(chunks) else None
-                records, skipped, malformed = await self._normalize(raw, len(chunk), folder)
+                records, skipped, malformed = await ahead.pop(0)
+                refill(n + 1)  # before the batch is handed out: the next two travel while it is stored
                 self.backlog = sum(len(c) for c in chunks[n + 1 :])
                 yield Batch(
                     folder,
@@ -340,9 +351,9 @@ class ImapConnector:
                     malformed=malformed,
                 )
         finally:
-            if pending is not None:
+            for pending in ahead:
                 pending.cancel()
-                await asyncio.gather(pending, return_exceptions=True)
+            await asyncio.gather(*ahead, return_exceptions=True)
 
     # -- push: IMAP IDLE (RFC 2177) -----------------------------------------------------
 
@@ -551,6 +562,11 @@ class ImapConnector:
             )
         return out
 
+    async def _read(self, client: imapclient.IMAPClient, folder: str, uidvalidity: int, uids: list[int]) -> tuple[list[dict[str, Any]], int, list[MalformedItem]]:
+        """Fetch ``uids``, then parse them: one chunk's records, skipped count and unreadable items."""
+        raw = await self._fetch(client, folder, uidvalidity, uids)
+        return await self._normalize(raw, len(uids), folder)
+
     async def _normalize(self, raw: list[RawMail], asked: int, folder: str) -> tuple[list[dict[str, Any]], int, list[MalformedItem]]:
         """Records of ``raw``; vanished messages are skipped, ones that cannot be parsed go to quarantine."""
         records, malformed = [], []
@@ -582,6 +598,15 @@ class ImapConnector:
                 if _nonexistent(exc):
                     gone.append(folder)
         return gone
+
+
+def _token_provider(config: MailboxConfig) -> Any:
+    """OAuth2 token provider of the mailbox, or None for a password login (HTTP libraries only load for OAuth2)."""
+    if config.auth.method != "oauth2":
+        return None
+    from .oauth import token_provider
+
+    return token_provider(config)
 
 
 def _nonexistent(exc: BaseException) -> bool:

@@ -34,6 +34,8 @@ log = structlog.get_logger(__name__)
 # importing lifeline there also ties the forkserver's life to the daemon's.
 PRELOAD = ["commsync.connectors.lifeline", "commsync.connectors.mailpool", "inscriptis", "charset_normalizer"]
 _HELPER_STOP_S = 5.0
+# Messages per task handed to a worker.
+TASK_SIZE = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,7 @@ class ParsePool:
 
     def __init__(self, workers: int):
         self.workers = max(1, workers)
+        _no_main_in_workers()
         # The forkserver would otherwise start with the first batch; starting it
         # now lets its start-up and imports overlap login and SEARCH.
         self.executor = self._start()
@@ -129,6 +132,22 @@ class ParsePool:
         stopped = _stop_helper("forkserver", getattr(forkserver, "_forkserver_pid", None), forkserver._stop)
         if stopped:
             _stop_helper("resource_tracker", getattr(tracker, "_pid", None), tracker._stop)
+
+
+def _no_main_in_workers() -> None:
+    """Keep multiprocessing from running the console script again in every worker.
+
+    A child process re-imports the parent's ``__main__`` (for `commsync` that is
+    the whole CLI: 900 modules, about 25 MB in each worker) unless the main
+    module's spec is named ``__main__``, which multiprocessing then skips. The
+    workers only need what the forkserver preloads.
+    """
+    import importlib.machinery
+    import sys
+
+    main = sys.modules.get("__main__")
+    if main is not None and getattr(main, "__spec__", None) is None and getattr(main, "__file__", None):
+        main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
 
 
 def _ensure_forkserver() -> int | None:
@@ -187,7 +206,9 @@ class MailParser:
             return await asyncio.to_thread(normalize_many, items, self.options)
         executor = self.pool.executor
         loop = asyncio.get_running_loop()
-        size = -(-len(items) // self.workers)
+        # Small parts, queued: a worker that finishes early takes the next one instead of
+        # waiting for the one that drew the heavy newsletters.
+        size = max(1, min(TASK_SIZE, -(-len(items) // self.workers)))
         parts = [items[i : i + size] for i in range(0, len(items), size)]
         try:
             results = await asyncio.gather(*(loop.run_in_executor(executor, normalize_many, part, self.options) for part in parts))

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from commsync.config.models import Settings
 from commsync.connectors import registry
@@ -14,11 +15,15 @@ from commsync.connectors.mailpool import MailParser, ParsePool, mail_options
 
 from . import retry
 from .policy import from_settings as capture_policy
-from .store import Store
+
+if TYPE_CHECKING:
+    from .store import Store
 
 
 def open_store(settings: Settings) -> Store:
     """The configured store (not yet contacted)."""
+    from .store import Store  # the driver loads only for commands that use MongoDB (not a dry run)
+
     m = settings.mongodb
     store = Store.connect(
         m.uri,

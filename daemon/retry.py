@@ -24,8 +24,6 @@ from datetime import datetime, timedelta
 
 from commsync.connectors.base import CredentialsRefused, TemporarilyUnavailable
 
-from .store import UNREACHABLE
-
 REFUSED = "refused"
 UNAVAILABLE = "unavailable"
 ERROR = "error"
@@ -35,10 +33,17 @@ def classify(exc: BaseException) -> str:
     """What kind of failure ``exc`` is, by its class."""
     if isinstance(exc, CredentialsRefused):
         return REFUSED
-    # The store's own outage (MongoDB unreachable) is an outage too, not a bug to trace.
-    if isinstance(exc, (TemporarilyUnavailable, *UNREACHABLE)):
+    if isinstance(exc, TemporarilyUnavailable) or _store_unreachable(exc):
         return UNAVAILABLE
     return ERROR
+
+
+def _store_unreachable(exc: BaseException) -> bool:
+    """The store's own outage (MongoDB unreachable) is an outage too, not a bug to trace."""
+    import sys
+
+    store = sys.modules.get("commsync.daemon.store")  # not loaded: no MongoDB in this process (a dry run)
+    return store is not None and isinstance(exc, store.UNREACHABLE)
 
 
 @dataclass(frozen=True, slots=True)
