@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -54,6 +55,8 @@ from .twilio_window import MAX_CALL, Conversation, LegGroups, Window
 log = structlog.get_logger(__name__)
 
 RATE_LIMIT_RETRIES = 4
+# How long a notice stays in `problems` after it was seen.
+NOTICE_S = 24 * 3600.0
 RATE_LIMIT_MAX_WAIT = 120.0
 
 
@@ -317,7 +320,15 @@ class TwilioConnector(_Verify):
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"twilio-{config.name}")
         self._client: Client | None = None
         self._log = log.bind(source=self.name)
+        # Things to show in `commsync status` for a day: key -> (text, monotonic time seen).
+        self._notices: dict[str, tuple[str, float]] = {}
         self._sleep = asyncio.sleep
+
+    @property
+    def problems(self) -> dict[str, str]:
+        """What is wrong without failing the account (a cursor found in the future), for a day after it was seen."""
+        now = time.monotonic()
+        return {key: text for key, (text, seen) in self._notices.items() if now - seen < NOTICE_S}
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -434,7 +445,14 @@ class TwilioConnector(_Verify):
 
     async def _open(self, list_name: str, date_filter: str, checkpoint: Mapping[str, Any] | None) -> tuple[Window, Any, Any]:
         """The window to read, the account, and a call that fetches the list's first page within it."""
-        window = Window.open(checkpoint, since=self.config.since, lookback=self.config.lookback)
+        window = Window.open(checkpoint, since=self.config.since, lookback=self.config.lookback, now=datetime.now(UTC))
+        if window.discarded is not None:
+            text = (
+                f"list {list_name}: the saved cursor {window.discarded.isoformat()} lies in the future (a restored database, "
+                "a wrong clock): read again from the start"
+            )
+            self._log.warning("cursor_in_future", list=list_name, cursor=window.discarded.isoformat())
+            self._notices[f"cursor:{list_name}"] = (text, time.monotonic())
         after, before = window.day_filters()
         query = {"page_size": self.config.page_size, f"{date_filter}_after": after, f"{date_filter}_before": before}
         query = {k: v for k, v in query.items() if v is not None}

@@ -31,6 +31,9 @@ log = structlog.get_logger(__name__)
 # Twilio ends every call after at most 24 hours (the <Dial>/Calls time limit), so a
 # call reported open for longer is stuck and must not hold the cursor for ever.
 MAX_CALL = timedelta(hours=24)
+# A saved cursor further ahead of the clock than this cannot be right (a database restored
+# from another system, a clock that was wrong): new items would fall before it for ever.
+MAX_CURSOR_AHEAD = timedelta(hours=1)
 
 
 @dataclass
@@ -49,11 +52,18 @@ class Window:
     top: datetime | None = None
     hold: datetime | None = None
     oldest: datetime | None = None
+    # The saved cursor, when it lay in the future and the window starts from the beginning instead.
+    discarded: datetime | None = None
 
     @classmethod
-    def open(cls, checkpoint: Mapping[str, Any] | None, *, since: date | None, lookback: timedelta) -> Window:
+    def open(
+        cls, checkpoint: Mapping[str, Any] | None, *, since: date | None, lookback: timedelta, now: datetime | None = None
+    ) -> Window:
         checkpoint = checkpoint or {}
         cursor = _iso(checkpoint.get("cursor"))
+        discarded = None
+        if cursor is not None and now is not None and cursor > now + MAX_CURSOR_AHEAD:
+            discarded, cursor, checkpoint = cursor, None, {}
         floor = datetime(since.year, since.month, since.day, tzinfo=UTC) if since else None
         start = cursor - lookback if cursor else floor
         if start is not None and floor is not None:
@@ -63,7 +73,7 @@ class Window:
         floor = _iso(resume.get("floor")) or below
         if below is None or floor is None or floor > below:
             below = floor = None
-        return cls(cursor, start, below, floor, _iso(resume.get("top")), _iso(resume.get("hold")))
+        return cls(cursor, start, below, floor, _iso(resume.get("top")), _iso(resume.get("hold")), discarded=discarded)
 
     def day_filters(self, reach: timedelta = timedelta(0)) -> tuple[str | None, str | None]:
         """(on or after day, before day) for the list query: Twilio filters by whole UTC days.

@@ -361,3 +361,54 @@ async def test_closing_does_not_wait_for_a_server_that_stopped_answering(dovecot
         stuck.cancel()  # as the runner does on a stop; the generator's cleanup drops the connection
         await asyncio.wait_for(asyncio.gather(stuck, connector.aclose(), return_exceptions=True), 30)
         assert time.monotonic() - started < 5  # not the 60 s socket timeout
+
+
+class HangUpOnLogin:
+    """An IMAP server that greets, then drops the connection when LOGIN comes: a network blip mid-login."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.logins = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as lines:
+                conn.sendall(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
+                for line in lines:
+                    tag, _, command = line.partition(b" ")
+                    if command.upper().startswith(b"LOGIN"):
+                        self.logins += 1
+                        break  # hang up instead of answering
+                    if command.upper().startswith(b"CAPABILITY"):
+                        conn.sendall(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n" + tag + b" OK done\r\n")
+                    else:
+                        conn.sendall(tag + b" BAD not here\r\n")
+
+    def close(self):
+        self.sock.close()
+
+
+async def test_a_connection_dropped_during_login_is_an_outage_not_a_refusal(memory_store):
+    server = HangUpOnLogin()
+    try:
+        settings = settings_from_dict(
+            {"mongodb": {"uri": "memory://"}, "mailboxes": [{"name": "blip", "host": "127.0.0.1", "port": server.port, "security": "none", "username": "u", "password": "p"}]}
+        )
+        ok, runner, _ = await sync(settings, memory_store)
+        assert not ok and server.logins == 1
+        error = runner.status["blip"].last_error
+        assert error.startswith("TemporarilyUnavailable: connection lost during login"), error
+        assert runner.status["blip"].refusals == 0 and runner.status["blip"].refused_since is None
+    finally:
+        server.close()

@@ -262,3 +262,37 @@ async def test_the_shutdown_deadline_abandons_a_stuck_batch_and_says_so(memory_s
     abandoned = [e for e in logs if e["event"] == "shutdown_abandoned"]
     assert abandoned and abandoned[0]["source"] == "a" and abandoned[0]["in_hand"] == "s: 3 records"
     assert await memory_store.load_state("a") == {}  # nothing checkpointed past what is stored
+
+
+async def test_a_parked_source_is_tried_again_once_its_config_or_secret_file_changes(memory_store, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from pydantic import BaseModel
+
+    class Config(BaseModel):
+        name: str
+        host: str
+        password_file: Path
+
+    monkeypatch.setattr(runner_module, "PARK_POLL_S", 0.02)
+    secret = tmp_path / "sales.pw"
+    secret.write_text("old password\n")
+
+    def refusing(host="imap.example"):
+        connector = Refusing("sales")
+        connector.config = Config(name="sales", host=host, password_file=secret)
+        return connector
+
+    async def run_until_settled(connector):
+        runner = Runner([connector], StoreSink(memory_store), policy=FAST_REFUSALS)
+        task = asyncio.create_task(runner.run())
+        await eventually(lambda: runner.status["sales"].state == "parked")
+        runner.stop()
+        await asyncio.wait_for(task, 5)
+        return connector.attempts
+
+    assert await run_until_settled(refusing()) > 0  # refused until parked
+    assert await run_until_settled(refusing()) == 0  # the same config: still parked, no login
+    assert await run_until_settled(refusing(host="imap2.example")) > 0  # the entry changed: tried again
+    secret.write_text("the new password, longer\n")  # fixed on disk, entry unchanged: tried again
+    assert await run_until_settled(refusing(host="imap2.example")) > 0

@@ -801,3 +801,30 @@ def test_cli_check_prints_a_line_per_twilio_account(fake, tmp_path, capsys):
     assert "wrong" not in out.split("twilio nope", 1)[1].replace("wrong-", "")  # the bad token is not echoed
     account_fetches = [r for r in fake.requests if r.path.endswith(f"{ACC}.json")]
     assert len(account_fetches) == 2  # one cheap request per account
+
+
+async def test_a_cursor_in_the_future_is_read_again_from_the_start(fake, memory_store):
+    """A database restored from another system, or a clock that was wrong: items would fall before the cursor for ever."""
+    for i in range(3):
+        add_call(fake, T0 + minutes(i))
+    future = datetime.now(UTC) + timedelta(days=30)
+    await memory_store.save_checkpoint("support", "calls", {"cursor": future.isoformat()})
+    settings = settings_for(account(fake, channels=["calls"]))
+    with capture_logs() as logs:
+        ok, runner, _ = await sync(settings, memory_store)
+    assert ok and await memory_store.records.count_documents({}) == 3
+    assert any(e["event"] == "cursor_in_future" for e in logs)
+    assert "lies in the future" in runner.status["support"].problems["cursor:calls"]
+    assert (await memory_store.load_state("support"))["calls"]["cursor"] == (T0 + minutes(2)).isoformat()
+
+
+def test_a_cursor_ahead_of_the_clock_by_less_than_an_hour_stands():
+    from commsync.connectors.twilio_window import Window
+
+    now = datetime(2025, 3, 3, 12, 0, tzinfo=UTC)
+    soon = now + timedelta(minutes=20)  # clocks of two machines a little apart
+    w = Window.open({"cursor": soon.isoformat()}, since=None, lookback=timedelta(hours=2), now=now)
+    assert w.cursor == soon and w.discarded is None
+    far = now + timedelta(days=2)
+    w = Window.open({"cursor": far.isoformat()}, since=None, lookback=timedelta(hours=2), now=now)
+    assert w.cursor is None and w.start is None and w.discarded == far
