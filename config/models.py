@@ -65,8 +65,12 @@ class MongoSettings(_Model):
     server_selection_timeout: timedelta = Field(
         default=timedelta(seconds=10), description="How long to wait for a MongoDB server to answer."
     )
+    socket_timeout: timedelta = Field(
+        default=timedelta(minutes=5),
+        description="Give up on one network read from MongoDB after this long: a connection that died silently (no reset) fails instead of hanging; keep it above your slowest aggregation.",
+    )
 
-    _dur = field_validator("server_selection_timeout", mode="before")(parse_duration)
+    _dur = field_validator("server_selection_timeout", "socket_timeout", mode="before")(parse_duration)
 
     @property
     def is_memory(self) -> bool:

@@ -30,6 +30,7 @@ def open_store(settings: Settings) -> Store:
         m.database,
         customers=settings.customers.collection,
         timeout_ms=int(m.server_selection_timeout.total_seconds() * 1000),
+        socket_timeout_ms=int(m.socket_timeout.total_seconds() * 1000),
         default_region=settings.default_region,
     )
     store.capture = capture_policy(settings)

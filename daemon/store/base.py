@@ -79,7 +79,14 @@ class StoreBase:
 
     @classmethod
     def connect(
-        cls, uri: str, database: str, *, customers: str = "customers", timeout_ms: int = 10_000, default_region: str | None = None
+        cls,
+        uri: str,
+        database: str,
+        *,
+        customers: str = "customers",
+        timeout_ms: int = 10_000,
+        socket_timeout_ms: int = 300_000,
+        default_region: str | None = None,
     ) -> Any:
         """A store on ``uri``; ``memory://`` gives a process-local mongomock store."""
         if uri.startswith("memory://"):
@@ -87,7 +94,14 @@ class StoreBase:
         from motor.motor_asyncio import AsyncIOMotorClient
 
         counter = CommandCounter()
-        client = AsyncIOMotorClient(uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms, appname="commsync", event_listeners=[counter])
+        client = AsyncIOMotorClient(
+            uri,
+            tz_aware=True,
+            serverSelectionTimeoutMS=timeout_ms,
+            socketTimeoutMS=socket_timeout_ms,
+            appname="commsync",
+            event_listeners=[counter],
+        )
         return cls(client, database, customers=customers, default_region=default_region, commands=counter)
 
     def close(self) -> None:
