@@ -235,7 +235,6 @@ def _top(counter: Counter, total: int, rate: int, k: int) -> list[str]:
 
 def _fill(n: int, corpus: str, seed: int):
     from bench_imap import commsync_config, fill_mailbox
-
     from dovecot import DovecotServer
 
     server = DovecotServer()

@@ -22,13 +22,13 @@ import time
 import uuid
 from pathlib import Path
 
-import nspawn
 import pymongo
 import pytest
 
 from commsync.config.secrets import read_secret
 from commsync.daemon.auth_cli import save_refresh_token
 
+import nspawn
 from dovecot import DovecotServer, _missing_requirement
 from eventually import eventually
 from mailgen import message
