@@ -144,7 +144,8 @@ async def test_a_dead_instance_hands_its_sources_over_after_the_lease_time(store
     assert tracker.overlaps == []
     for source in orphaned:
         state = await store.load_state(source)
-        assert await store.records.count_documents({"sources.source": source}) == state["s"]["n"]
+        # b may be stopped before its first batch of a source a never checkpointed: then no checkpoint at all.
+        assert await store.records.count_documents({"sources.source": source}) == state.get("s", {}).get("n", 0)
 
 
 async def test_max_sources_caps_one_instance(store):
