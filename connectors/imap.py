@@ -217,6 +217,16 @@ class ImapConnector:
                 client.socket().shutdown(socket.SHUT_RDWR)
         await self._call(_quiet_close, client)
 
+    def _cut(self) -> None:
+        """Drop the connection under the command in flight without waiting: its thread returns at once, then closes it."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        with contextlib.suppress(Exception):
+            client.socket().shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(RuntimeError):  # the thread is shut down: nothing queues behind the command
+            self._thread.submit(_quiet_close, client)
+
     async def aclose(self) -> None:
         await self._drop()
         self._thread.shutdown(wait=False)
@@ -400,7 +410,7 @@ class ImapConnector:
                     # Nothing arrived since the scan (else IDLE would sleep through it): wait for the server.
                     changed = await self._idle_until(client, main, deadline, others if not notify else [])
             finally:
-                if notify:
+                if notify and self._client is client:
                     await self._call(imap_extensions.notify_none, client)
             self._wait_failures = 0
             if changed:
@@ -443,7 +453,10 @@ class ImapConnector:
             try:
                 changed = await self._call(self._idle_blocking, client, span, stop, main)
             except asyncio.CancelledError:
-                stop.set()  # the thread leaves IDLE within a slice; later calls queue behind it
+                stop.set()
+                # The thread sleeps until the server speaks or the span ends: cut the
+                # connection so that it returns now; the next pass logs in again.
+                self._cut()
                 raise
             if changed:
                 return changed

@@ -218,6 +218,11 @@ class LeaseKeeper:
         order = sorted(free, key=lambda s: (eligible[s], (owners.get(s) or {}).get("owner") != self.owner, random.random()))
         for source in order[:room]:
             taken = time.monotonic()
+            if taken - started > self.period:
+                # Hundreds of leases taken one by one from a loaded database can outlast the
+                # ones taken first: renew those (the next round, at once) before taking more.
+                self._wake.set()
+                break
             lease = owners.get(source)
             # Taken from its owner by name only when live, i.e. our dead predecessor's: an expired
             # lease is taken by its expiry alone, since its owner may have just taken it back.

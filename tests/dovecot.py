@@ -15,6 +15,10 @@ directory and runs ``dovecot -F -c <conf>`` as a child process.  Nothing under
 * no login throttling: ``auth_failure_delay = 0`` and the anvil auth penalty
   is disabled, so a wrong-password test doesn't slow down later logins
   (a failed login still takes ~0.5 s);
+* opt-in ``extra_config``: more settings appended to ``dovecot.conf`` (a later
+  ``service NAME { ... }`` block adds to the one above it), e.g.
+  ``many_clients_config(500)`` for hundreds of concurrent IDLE connections;
+  ``doveconf`` checks the file before the server starts;
 * opt-in ``oauth2_introspection_url``: SASL XOAUTH2/OAUTHBEARER logins too,
   each token checked by POSTing it to that URL (an ``oauth2`` passdb before
   the passwd-file one; the introspected ``username`` must be the login name);
@@ -62,6 +66,7 @@ from imapclient import IMAPClient
 
 DOVECOT_BIN = os.environ.get("COMMSYNC_TEST_DOVECOT", "/usr/sbin/dovecot")
 DOVEADM_BIN = shutil.which("doveadm") or "/usr/bin/doveadm"
+DOVECONF_BIN = shutil.which("doveconf") or "/usr/bin/doveconf"
 OPENSSL_BIN = shutil.which("openssl") or "/usr/bin/openssl"
 
 # Unprivileged account used for mail/auth/login processes when running as root.
@@ -192,6 +197,29 @@ service managesieve-login {{
 """
 
 
+def many_clients_config(clients: int) -> str:
+    """``extra_config`` for ``clients`` concurrent logged-in connections (IDLE), plain or TLS.
+
+    Dovecot's defaults stop at 100 processes per service, one IMAP session per
+    ``imap`` process. Each session keeps its own ``imap`` process; the login
+    processes run in "high-performance" mode (``service_count = 0``), a few of
+    them proxying every TLS connection, instead of one process per connection.
+    """
+    limit = clients + 100  # headroom for the connections of the test or benchmark itself
+    return (
+        f"default_process_limit = {limit}\n"
+        f"default_client_limit = {2 * limit}\n"
+        "service imap {\n"
+        f"  process_limit = {limit}\n"
+        "}\n"
+        "service imap-login {\n"
+        "  service_count = 0\n"
+        f"  client_limit = {limit}\n"
+        "  process_limit = 4\n"
+        "}\n"
+    )
+
+
 class ImapUser(NamedTuple):
     """A test mailbox account; unpacks as ``name, password``."""
 
@@ -239,8 +267,10 @@ class DovecotServer:
     host = "127.0.0.1"
 
     def __init__(self, binary: str = DOVECOT_BIN, keep_tmpdir: bool | None = None,
-                 oauth2_introspection_url: str | None = None):
+                 oauth2_introspection_url: str | None = None, extra_config: str = ""):
         self.binary = binary
+        # Appended to the generated dovecot.conf (limits for a benchmark, ...).
+        self.extra_config = extra_config
         # Opt-in: also accept SASL XOAUTH2/OAUTHBEARER, with tokens checked
         # against this introspection URL (RFC 7662, POST token=...).
         self.oauth2_introspection_url = oauth2_introspection_url
@@ -357,8 +387,12 @@ class DovecotServer:
             port=self.port,
             tls_port=self.tls_port,
         )
+        if self.extra_config:
+            conf += "\n# extra_config\n" + self.extra_config.rstrip() + "\n"
         with open(self.conf_file, "w") as f:
             f.write(conf)
+        if self.extra_config:
+            self._check_config()
         with open(self._master_out, "wb") as out:
             self._proc = subprocess.Popen(
                 [self.binary, "-F", "-c", self.conf_file],
@@ -368,6 +402,24 @@ class DovecotServer:
                 start_new_session=True,
             )
         self.wait_ready(timeout)
+
+    def _check_config(self) -> None:
+        """Let ``doveconf`` parse the file: an unknown or misspelt setting fails here, saying which."""
+        res = subprocess.run([DOVECONF_BIN, "-c", self.conf_file, "-n"], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise ValueError(f"dovecot.conf refused by doveconf:\n{res.stderr.strip()}")
+
+    def settings(self, *names: str) -> dict[str, str]:
+        """The values Dovecot itself reads from our config (``doveconf -h``), e.g. ``service/imap/process_limit``."""
+        out = {}
+        for name in names:
+            res = subprocess.run([DOVECONF_BIN, "-c", self.conf_file, "-h", name], stdin=subprocess.DEVNULL,
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                raise ValueError(f"doveconf -h {name}: {res.stderr.strip()}")
+            out[name] = res.stdout.strip()
+        return out
 
     def _oauth2_passdb(self) -> str:
         """The oauth2 passdb block (and its args file), or "" when not opted in."""

@@ -196,3 +196,42 @@ def test_standalone_server_starts_fast_and_stops():
         tmpdir = server.tmpdir
     assert not server.running
     assert not os.path.exists(tmpdir)
+
+
+@pytest.mark.integration
+def test_many_clients_config_holds_more_sessions_than_dovecots_default_limit():
+    # Dovecot's default of 100 processes per service stops the 101st TLS session;
+    # the benchmark of hundreds of mailboxes needs them all open at once.
+    missing = dovecot_mod._missing_requirement()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    sessions = 120
+    with DovecotServer(extra_config=dovecot_mod.many_clients_config(sessions)) as server:
+        assert server.settings("service/imap/process_limit") == {"service/imap/process_limit": str(sessions + 100)}
+        server.add_user("many", "pw")
+        clients = []
+        try:
+            for _ in range(sessions):
+                c = server.tls_client("many", timeout=5)
+                c.select_folder("INBOX", readonly=True)
+                clients.append(c)
+            assert all(c.noop() for c in clients)
+        finally:
+            for c in clients:
+                c.logout()
+
+
+@pytest.mark.integration
+def test_extra_config_with_an_unknown_setting_is_refused_before_start():
+    missing = dovecot_mod._missing_requirement()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    server = DovecotServer(extra_config="service imap {\n  proces_limit = 3\n}\n")
+    with pytest.raises(ValueError, match="proces_limit"):
+        server.start()
+    assert not server.running
+    assert not os.path.exists(server.tmpdir)

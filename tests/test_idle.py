@@ -164,6 +164,50 @@ async def test_stop_interrupts_idle_promptly(dovecot, imap_user, memory_store):
     assert await asyncio.wait_for(task, 10) is True
 
 
+async def test_a_quiet_idle_does_not_wake_up_until_the_server_speaks(dovecot, imap_user):
+    # Each wakeup costs CPU: at hundreds of mailboxes a wakeup a second each is a good
+    # part of a core (tests/bench_many.py). A quiet wait is one blocking read.
+    connector = connector_for(dovecot, imap_user)  # INBOX and Sent: IDLE with NOTIFY
+    try:
+        await drain(connector)
+        client = connector._client
+        reads = []
+        real = client.idle_check
+        client.idle_check = lambda timeout=None: reads.append(timeout) or real(timeout)
+        assert await connector.wait_for_change(3.0) is False
+        assert len(reads) == 1 and reads[0] > 2.5, reads
+        # Mail still wakes it at once.
+        waiting = asyncio.create_task(connector.wait_for_change(30))
+        await eventually(lambda: len(reads) == 2, what="inside IDLE")
+        dovecot.append(imap_user.name, "Sent", message(7))
+        assert await asyncio.wait_for(waiting, 10) is True
+        assert connector._wake == ["Sent"]
+    finally:
+        await connector.aclose()
+
+
+async def test_a_cancelled_idle_returns_at_once_and_the_next_pass_logs_in_again(dovecot, imap_user):
+    connector = connector_for(dovecot, imap_user)
+    try:
+        await drain(connector)
+        first = connector._client
+        waiting = asyncio.create_task(connector.wait_for_change(600))
+        await eventually(lambda: connector._in_command, what="inside IDLE")
+        started = time.monotonic()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert time.monotonic() - started < 2
+        # The connection was cut; the connector's thread is free again and the next pass reconnects.
+        await eventually(lambda: not connector._in_command, timeout=5, what="the IDLE thread returned")
+        dovecot.append(imap_user.name, "INBOX", message(8))
+        assert [r["subject"][:10] for r in await drain(connector)] == ["Order 1008"]
+        assert connector._client is not None and connector._client is not first
+        assert await connector.wait_for_change(0.5) is False
+    finally:
+        await connector.aclose()
+
+
 async def test_server_going_away_and_coming_back(dovecot, imap_user, memory_store):
     with TcpProxy(dovecot.host, dovecot.port) as proxy:
         for i in range(2):

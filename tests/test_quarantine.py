@@ -11,7 +11,7 @@ import structlog
 
 from commsync.config import settings_from_dict
 from commsync.connectors.base import MalformedItem
-from commsync.daemon import app
+from commsync.daemon import app, upkeep
 from commsync.daemon.runner import Runner, StoreSink
 from commsync.daemon.store.quarantine import MAX_ATTEMPTS
 from commsync.daemon.upkeep import PassUpkeep
@@ -81,6 +81,34 @@ async def test_a_pass_that_caught_up_retries_what_is_due(dovecot, imap_user, mem
     finally:
         runner.stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_a_pass_with_nothing_due_asks_mongodb_nothing(dovecot, imap_user, real_store, monkeypatch):
+    # At hundreds of mailboxes a query or two per source and pass is a good part of the quiet CPU (tests/bench_many.py).
+    for i in range(2):
+        dovecot.append(imap_user.name, "INBOX", message(i))
+    settings = settings_from_dict({"mongodb": {"uri": "memory://"}, "mailboxes": [mailbox(dovecot, imap_user)]})
+    sink = StoreSink(real_store)
+    await Runner(app.build_connectors(settings, None), sink, once=True).run()
+    uidvalidity = (await real_store.load_state("m"))["INBOX"]["uidvalidity"]
+    (connector,) = app.build_connectors(settings, None)
+    passes = PassUpkeep(real_store, sink, verify_every=timedelta(hours=24))
+    try:
+        assert [r.stream for r in await passes(connector)] == ["INBOX"]  # the first pass verifies
+        before = real_store.commands.count
+        for _ in range(3):
+            assert await passes(connector) is None
+        assert real_store.commands.count == before
+        # A retry that falls due is found at the next look, which covers every source at once.
+        await real_store.records.delete_many({"sources.uid": 1})
+        await real_store.quarantine_items("m", "INBOX", [MalformedItem("died", item_id=1, stream="INBOX", detail={"uidvalidity": uidvalidity})])
+        assert await real_store.quarantine_retry_now("m/INBOX/1")
+        monkeypatch.setattr(upkeep, "DUE_REFRESH_S", 0.0)
+        assert await passes(connector) is None
+        assert await real_store.quarantine_list() == []
+        assert await real_store.records.count_documents({}) == 2
+    finally:
+        await connector.aclose()
 
 
 async def _count_is(store, n):

@@ -111,6 +111,11 @@ class QuarantineMixin(StoreBase):
         """Entries of ``source`` whose automatic retry is due now."""
         return await self.quarantined.find({"source": source, "next_attempt_at": {"$lte": now_utc()}}).to_list(None)
 
+    async def quarantine_due_sources(self) -> set[str]:
+        """The sources with an entry whose automatic retry is due now (one query for all of them)."""
+        docs = await self.quarantined.find({"next_attempt_at": {"$lte": now_utc()}}, {"source": 1}).to_list(None)
+        return {d["source"] for d in docs}
+
     async def quarantine_retry_now(self, qid: str) -> bool:
         """Make an entry due at the next pass (`commsync quarantine retry`); False when unknown."""
         result = await self.quarantined.update_one({"_id": qid}, {"$set": {"next_attempt_at": now_utc(), "attempts": 0}})
