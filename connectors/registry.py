@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from commsync.config.models import MailboxConfig, TwilioAccountConfig
 from commsync.config.secrets import credential_path
 
@@ -101,7 +103,7 @@ def _secret_files(model: Any) -> list[Path]:
     for name, value in model:
         if isinstance(value, Path) and name.endswith("_file"):
             out.append(value)
-        elif hasattr(value, "model_fields"):
+        elif isinstance(value, BaseModel):
             out += _secret_files(value)
     return out
 

@@ -117,7 +117,7 @@ class QuarantineMixin(StoreBase):
         return {d["source"] for d in docs}
 
     async def quarantine_retry_now(self, qid: str) -> bool:
-        """Make an entry due at the next pass (`commsync quarantine retry`); False when unknown."""
+        """Make an entry due now (a running daemon looks within a minute); False when unknown."""
         result = await self.quarantined.update_one({"_id": qid}, {"$set": {"next_attempt_at": now_utc(), "attempts": 0}})
         return result.matched_count == 1
 
