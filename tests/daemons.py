@@ -143,6 +143,33 @@ class DaemonProcess:
             raise AssertionError(f"{self.name} did not stop within {timeout}s:\n{self.tail()}") from None
 
 
+def start_instances(
+    names: list[str], *, uri: str, database: str, mailboxes: list[dict], workdir: Path, lease_ttl_s: float
+) -> dict[str, DaemonProcess]:
+    """One `commsync run` a name, all on ``mailboxes``, each with its HTTP listener; short timings for tests."""
+    daemons = {}
+    for name in names:
+        port = free_port()
+        config = write_config(
+            workdir / f"{name}.yaml",
+            uri=uri,
+            database=database,
+            mailboxes=mailboxes,
+            log_level="debug",  # checkpoint_saved: who checkpointed what, when
+            daemon={
+                "poll_interval": "1s",
+                "backoff_max": "2s",
+                "lease_ttl": f"{lease_ttl_s:g}s",
+                "parse_workers": 1,
+                "shutdown_timeout": "10s",
+                "instance": name,
+                "http": {"listen": f"127.0.0.1:{port}"},
+            },
+        )
+        daemons[name] = DaemonProcess(name, config, workdir, http_port=port)
+    return daemons
+
+
 def commsync(config: Path, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """A one-off `commsync` command (e.g. status) against ``config``."""
     return subprocess.run([str(COMMSYNC), *args, "-c", str(config)], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)

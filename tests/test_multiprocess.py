@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from commsync.config import settings_from_dict
 from commsync.daemon import app
 
-from daemons import DaemonProcess, Database, MailStream, commsync, foreign_checkpoints, free_port, wait_until, write_config
+from daemons import Database, MailStream, commsync, foreign_checkpoints, start_instances, wait_until
 from mongo_server import EXTERNAL_URI, MongoTestServer, server_binary
 
 pytestmark = [
@@ -43,26 +43,7 @@ def test_two_instances_share_the_sources_and_a_killed_one_hands_them_over(server
     customers = db.seed_customers(5)
     users = {f"mb{i}": dovecot.new_user(f"mp{i}-") for i in range(6)}
     mailboxes = [dovecot.mailbox(user, name=name, folders=["INBOX", "Archive"]) for name, user in users.items()]
-    daemons = {}
-    for name in ("alpha", "beta"):
-        port = free_port()
-        config = write_config(
-            tmp_path / f"{name}.yaml",
-            uri=server.uri,
-            database=db.name,
-            mailboxes=mailboxes,
-            log_level="debug",  # checkpoint_saved: who checkpointed what, when
-            daemon={
-                "poll_interval": "1s",
-                "backoff_max": "2s",
-                "lease_ttl": f"{LEASE_TTL_S:g}s",
-                "parse_workers": 1,
-                "shutdown_timeout": "10s",
-                "instance": name,
-                "http": {"listen": f"127.0.0.1:{port}"},
-            },
-        )
-        daemons[name] = DaemonProcess(name, config, tmp_path, http_port=port)
+    daemons = start_instances(["alpha", "beta"], uri=server.uri, database=db.name, mailboxes=mailboxes, workdir=tmp_path, lease_ttl_s=LEASE_TTL_S)
     alpha, beta = daemons["alpha"], daemons["beta"]
     stream = MailStream(dovecot, users, customers).start()
     violations: list[str] = []

@@ -29,7 +29,7 @@ from commsync.daemon.retry import RetryPolicy
 from commsync.daemon.runner import Runner, StoreSink
 from commsync.daemon.store import Store
 
-from daemons import DaemonProcess, Database, MailStream, commsync, foreign_checkpoints, free_port, wait_until, write_config
+from daemons import Database, MailStream, commsync, foreign_checkpoints, free_port, start_instances, wait_until
 from eventually import eventually
 from mongo_server import EXTERNAL_URI, MongoTestServer, server_binary
 from records import T0, email_record, hours
@@ -251,26 +251,7 @@ def test_daemons_ride_out_a_mongodb_outage(server, dovecot, tmp_path):
     customers = db.seed_customers(4)
     users = {f"box{i}": dovecot.new_user(f"out{i}-") for i in range(4)}
     mailboxes = [dovecot.mailbox(user, name=name, folders=["INBOX", "Archive"]) for name, user in users.items()]
-    daemons = {}
-    for name in ("alpha", "beta"):
-        port = free_port()
-        config = write_config(
-            tmp_path / f"{name}.yaml",
-            uri=server.uri,
-            database=db.name,
-            mailboxes=mailboxes,
-            log_level="debug",  # checkpoint_saved: who checkpointed what, when
-            daemon={
-                "poll_interval": "1s",
-                "backoff_max": "2s",
-                "lease_ttl": "6s",
-                "parse_workers": 1,
-                "shutdown_timeout": "10s",
-                "instance": name,
-                "http": {"listen": f"127.0.0.1:{port}"},
-            },
-        )
-        daemons[name] = DaemonProcess(name, config, tmp_path, http_port=port)
+    daemons = start_instances(["alpha", "beta"], uri=server.uri, database=db.name, mailboxes=mailboxes, workdir=tmp_path, lease_ttl_s=6.0)
     both = list(daemons.values())
     stream = MailStream(dovecot, users, customers)
     violations: list[str] = []
