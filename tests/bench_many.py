@@ -67,7 +67,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_imap import _children_map, _cpu_busy, _descendants, _mem_kb, _proc_table, typical_message, wait_quiet  # noqa: E402
+from bench_corpus import typical_message  # noqa: E402
+from bench_imap import _children_map, _cpu_busy, _descendants, _mem_kb, _proc_table, wait_quiet  # noqa: E402
 
 REPO = HERE.parent
 DEFAULT_COMMSYNC = str(REPO / ".venv" / "bin" / "commsync")
