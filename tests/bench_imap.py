@@ -23,8 +23,8 @@ tail, newsletters, attachments, forwards, quoted threads and legacy charsets;
      ``--batch-size``), which neither parses nor stores anything: the limit;
    * ``commsync run --once --dry-run -c CFG`` (the real CLI), stdout to
      /dev/null;
-   * ``commsync verify``, once it can be timed (``verify_argv`` is the hook;
-     until then the row says why there is no number);
+   (``commsync verify`` of the synced folder is timed by ``bench_verify.py``: it
+   needs a store holding the mailbox, which a dry run does not make);
 
    every tool runs as a fresh child process (under GNU time); wall time is
    measured around it and memory two ways: GNU time's ``%M`` (``ru_maxrss``
@@ -453,36 +453,6 @@ def check_dry_run(commsync: str, cfg: Path, work: Path, expected: int) -> tuple[
     return lines, m
 
 
-# --------------------------------------------------------------------------- commsync verify (hook)
-
-VERIFY_TOOL = "commsync verify"
-VERIFY_MISSING = "n/a (not implemented)"
-VERIFY_NO_STORE = "n/a (hook not filled: needs a store holding the synced mailbox)"
-
-
-def verify_argv(commsync: str, cfg: Path) -> tuple[list[str] | None, str]:
-    """HOOK for the `commsync verify` row: (the command line that times it on the
-    benchmark's mailbox, or None and why there is no number).
-
-    While commsync has no such command (``commsync verify --help`` fails) the
-    row says "n/a (not implemented)". The command compares the mailbox with
-    the records in the store, so timing it needs a store that holds the
-    synced mailbox (a real MongoDB server filled by ``commsync run --once``):
-    the dry run's ``memory://`` store is empty in every process, and verify
-    would have nothing to compare. Until a later step sets that up here, the
-    row says so instead of reporting a number.
-    """
-    try:
-        probe = subprocess.run([commsync, "verify", "--help"], capture_output=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None, VERIFY_MISSING
-    if probe.returncode != 0:
-        return None, VERIFY_MISSING
-    if json.loads(cfg.read_text())["mongodb"]["uri"].startswith("memory://"):
-        return None, VERIFY_NO_STORE
-    return [commsync, "verify", "-c", str(cfg)], ""
-
-
 # --------------------------------------------------------------------------- parse alone
 
 
@@ -551,8 +521,7 @@ def _median_rate(ms: list[Measure] | None, pick: Callable = statistics.median) -
     return ms[0].messages / pick(m.seconds for m in ms) if ms else None
 
 
-def _fmt_summary(results: list[Measure], sizes: dict[str, float], verify: dict[str, str],
-                 pick: Callable = statistics.median) -> list[str]:
+def _fmt_summary(results: list[Measure], sizes: dict[str, float], pick: Callable = statistics.median) -> list[str]:
     """The README table: messages/s per tool and corpus, commsync / mbsync, commsync's memory.
 
     ``pick`` chooses the time of a group's runs: the median, or the best (min) on a machine
@@ -560,9 +529,8 @@ def _fmt_summary(results: list[Measure], sizes: dict[str, float], verify: dict[s
     groups = _groups(results)
     lines = [
         "| corpus (avg size) | messages | commsync dry run | mbsync, defaults | mbsync, `FSync no` | bare fetch loop (imaplib debug off) "
-        "| commsync / mbsync defaults | commsync peak PSS, process tree | commsync peak RSS, largest process "
-        f"| {VERIFY_TOOL} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| commsync / mbsync defaults | commsync peak PSS, process tree | commsync peak RSS, largest process |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     keys = sorted({(c, n) for c, n, _ in groups}, key=lambda k: (list(sizes).index(k[0]) if k[0] in sizes else 99, k[1]))
 
@@ -576,11 +544,9 @@ def _fmt_summary(results: list[Measure], sizes: dict[str, float], verify: dict[s
         ratio = f"{rates[COMMSYNC_TOOL] / rates[MBSYNC_DEFAULT]:.2f}x" if rates[COMMSYNC_TOOL] and rates[MBSYNC_DEFAULT] else "-"
         pss = f"{max(m.tree_pss_mb for m in ours):.0f} MB" if ours else "-"
         rss = f"{max(m.maxrss_mb for m in ours):.0f} MB" if ours else "-"
-        ver = groups.get((corpus, n, VERIFY_TOOL))
         lines.append(
             f"| {corpus} ({sizes.get(corpus, 0):.1f} KiB) | {n:,} | **{rate(rates[COMMSYNC_TOOL])}** | {rate(rates[MBSYNC_DEFAULT])} "
-            f"| {rate(rates[MBSYNC_NOFSYNC])} | {rate(rates[FETCH_TOOL])} ({rate(rates[FETCH_TOOL_NODEBUG])}) | **{ratio}** | {pss} | {rss} "
-            f"| {rate(_median_rate(ver, pick)) if ver else verify.get(corpus, VERIFY_MISSING)} |"
+            f"| {rate(rates[MBSYNC_NOFSYNC])} | {rate(rates[FETCH_TOOL])} ({rate(rates[FETCH_TOOL_NODEBUG])}) | **{ratio}** | {pss} | {rss} |"
         )
     return lines
 
@@ -705,7 +671,6 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     failures: list[str] = []
     sizes: dict[str, float] = {}
-    verify_state: dict[str, str] = {}
     parse_rows: dict[str, list[tuple[str, float]]] = {}
     loads: list[float] = []
 
@@ -738,9 +703,6 @@ def main(argv: list[str] | None = None) -> int:
             fetch_argv = [sys.executable, __file__, "--_fetch-loop", "--host", server.host, "--port", str(server.port),
                           "--user", user.name, "--password", user.password, "--batch-size", str(batch)]
             commsync_argv = [args.commsync, "run", "--once", "--dry-run", "-c", str(cfg)]
-            verify, why = verify_argv(args.commsync, cfg)
-            if verify is None:
-                verify_state[name] = why
 
             def record(m: Measure, name: str = name) -> Measure:
                 m.corpus = name
@@ -781,10 +743,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"RSS {m.maxrss_mb:.0f} MB max process, {m.tree_mb:.0f} MB tree, PSS {m.tree_pss_mb:.0f} MB tree ({m.note}); "
                     f"other load before/during {m.background:.2f}/{m.during:.2f} CPUs")
 
-            def verify_once(count: int, verify=verify, name=name, record=record) -> None:
-                m = record(run_measured(VERIFY_TOOL, count, verify, stderr_path=str(work / "verify.stderr")))
-                log(f"[{name}] verify: {count} in {m.seconds:.2f}s ({count / m.seconds:,.0f}/s)")
-
             def check(count: int, cfg=cfg, name=name) -> None:
                 lines, m = check_dry_run(args.commsync, cfg, work, count)
                 log(f"[{name}] commsync dry run printed {lines} JSON lines (expected {count}) in {m.seconds:.1f}s")
@@ -792,14 +750,12 @@ def main(argv: list[str] | None = None) -> int:
                              "messages (one per message, distinct UIDs)")
 
             def one_round(count: int, tag: str, name=name, mbsync_once=mbsync_once, fetch_once=fetch_once,
-                          commsync_once=commsync_once, verify_once=verify_once, verify=verify) -> None:
+                          commsync_once=commsync_once) -> None:
                 for fsync in (False, True):
                     attempt(f"{name}: mbsync at {count}", lambda fsync=fsync: mbsync_once(count, tag, fsync))
                 attempt(f"{name}: fetch loop at {count}", lambda: fetch_once(count))
                 attempt(f"{name}: fetch loop (imaplib debug off) at {count}", lambda: fetch_once(count, True))
                 attempt(f"{name}: commsync at {count}", lambda: commsync_once(count))
-                if verify is not None:
-                    attempt(f"{name}: verify at {count}", lambda: verify_once(count))
 
             # Warm-up (Dovecot's indexes and caches) and correctness: one dry run into a file.
             attempt(f"{name}: commsync check run at {n}", lambda check=check: check(n))
@@ -830,10 +786,10 @@ def main(argv: list[str] | None = None) -> int:
            f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
            f"{subprocess.run([MBSYNC, '--version'], capture_output=True, text=True).stdout.strip()}, "
            f"Dovecot {_dovecot_version()} on loopback, plain IMAP.", ""]
-    out += _fmt_summary(results, sizes, verify_state)
+    out += _fmt_summary(results, sizes)
     if len({m.seconds for m in results}) > 1 and args.runs > 1:
         out += ["", f"The same with the best of the {args.runs} runs instead of the median (a shared machine only adds time):", ""]
-        out += _fmt_summary(results, sizes, verify_state, min)
+        out += _fmt_summary(results, sizes, min)
     out += ["", "Every run:", ""] + _fmt_table(results)
     out += ["", "commsync's memory at the peak of its process tree's PSS (the run with the highest peak), per process:", ""]
     out += _fmt_memory(results)
@@ -869,8 +825,6 @@ def main(argv: list[str] | None = None) -> int:
         f"chunks of {batch}, nothing parsed or stored) is the limit for a Python IMAP client; in parentheses the "
         "same with imaplib's debug level set back to 0 (imapclient sets it to 5, and imaplib then formats every "
         "response, message bodies included, for a debug log).",
-        f"- {VERIFY_TOOL}: {', '.join(sorted(set(verify_state.values()))) or 'timed'}; `verify_argv()` in this script "
-        "is the hook that times it (it needs a store holding the synced mailbox, which the dry run does not make).",
     ]
     for name, rows in parse_rows.items():
         out += ["", f"Parsing alone, one core, the {name} corpus's first {args.parse_sample:,} messages (in the bench process):", "",

@@ -282,6 +282,9 @@ class TestUnderSystemd:
         print(f"install.sh: {machine.install_seconds:.1f} s; boot: {machine.boot_seconds:.1f} s")
         props = service.show("Type", "ActiveState", "SubState", "StatusText", "NotifyAccess", "User")
         assert props["Type"] == "notify" and (props["ActiveState"], props["SubState"]) == ("active", "running")
+        # A connection per mailbox: systemd's default soft limit of 1,024 would cap an instance near 1,000.
+        limits = service.box.run(f"cat /proc/{service.main_pid()}/limits").stdout
+        assert re.search(r"^Max open files\s+65536\s+65536\s+files", limits, re.M), limits
         # Right after READY the lease may not be taken yet: "1 sources (0 here); ...".
         assert re.fullmatch(r"1 sources( \(\d here\))?; last batch (none yet|\d\d:\d\d:\d\d sales \+\d+); no errors", props["StatusText"]), props
         subject = service.send(service.sales)
