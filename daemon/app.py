@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def open_store(settings: Settings) -> Store:
     """The configured store (not yet contacted)."""
-    from .store import Store  # the driver loads only for commands that use MongoDB (not a dry run)
+    from .store import Store
 
     m = settings.mongodb
     store = Store.connect(

@@ -42,7 +42,7 @@ def _store_unreachable(exc: BaseException) -> bool:
     """The store's own outage (MongoDB unreachable) is an outage too, not a bug to trace."""
     import sys
 
-    store = sys.modules.get("commsync.daemon.store")  # not loaded: no MongoDB in this process (a dry run)
+    store = sys.modules.get("commsync.daemon.store")  # not loaded: nothing in this process talks to MongoDB
     return store is not None and isinstance(exc, store.UNREACHABLE)
 
 
