@@ -176,7 +176,7 @@ def _stop_helper(name: str, pid: int | None, stop: Callable[[], None]) -> bool:
     try:
         stop()
     except Exception as exc:
-        log.warning("parse_pool_stop_failed", process=name, error=f"{type(exc).__name__}: {exc}"[:200])
+        log.warning("parse_pool_stop_failed", process=name, error=describe(exc))
         return False
     finally:
         guard.cancel()
