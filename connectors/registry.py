@@ -9,6 +9,7 @@ connector module plus one `register` call (see connectors/README.md).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -16,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from commsync.config.models import MailboxConfig, TwilioAccountConfig
-from commsync.config.secrets import credential_path
+from commsync.config.secrets import credential_path, state_path
 
 from .base import Connector
 
@@ -81,30 +82,62 @@ def channels() -> list[str]:
     return list(dict.fromkeys(c for k in _KINDS.values() for c in k.channels))
 
 
+# A secret's value enters the fingerprint, which is stored in MongoDB (`source_status`), only
+# through PBKDF2 salted with this domain, the source's name and the key (a plain sha256 of a
+# short password is a lookup away): no digest made elsewhere or for another source matches,
+# and each guess costs SECRET_ROUNDS hashes. Modest on purpose: each distinct value is
+# derived once per process, not at every status write; and only 128 bits of the final mix,
+# which also covers the rest of the entry, are stored.
+FINGERPRINT_DOMAIN = b"commsync/source-fingerprint/secret/v1"
+SECRET_ROUNDS = 20_000
+
+
 def fingerprint(config: Any) -> str:
-    """A digest of one source's configuration, and of the files its secrets are read from.
+    """A digest of one source's configuration, its secrets' values, and the files its secrets are read from.
 
     A parked source (credentials refused for days) is tried again once this
-    changes: an edited entry, or a secret file written anew. Secret values are
-    not part of it (SecretStr dumps masked), only the files' size and time.
+    changes: an edited entry, a new inline secret or value of its ``*_env``
+    variable, or a secret file written anew (its size and time; a refresh
+    token file where the daemon reads it, under ``$STATE_DIRECTORY``). Secret
+    values never enter it in the clear, nor as a plain hash (see
+    ``FINGERPRINT_DOMAIN``).
     """
+    source = str(getattr(config, "name", ""))
     digest = hashlib.sha256(config.model_dump_json().encode())
-    for path in map(credential_path, _secret_files(config)):
-        try:
-            st = os.stat(path)
-            digest.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
-        except OSError:
-            digest.update(f"{path}:missing".encode())
+    for key, kind, value in _secrets(config):
+        if kind == "file":
+            path = (state_path if key.endswith("refresh_token_file") else credential_path)(value)
+            try:
+                st = os.stat(path)
+                digest.update(f"{key}={path}:{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                digest.update(f"{key}={path}:missing".encode())
+        elif value is None:
+            digest.update(f"{key}:unset".encode())
+        else:
+            digest.update(key.encode() + b"=" + _secret_digest(source, key, value))
     return digest.hexdigest()[:32]
 
 
-def _secret_files(model: Any) -> list[Path]:
-    out: list[Path] = []
+@functools.lru_cache(maxsize=1024)
+def _secret_digest(source: str, key: str, value: str) -> bytes:
+    salt = b"\0".join((FINGERPRINT_DOMAIN, source.encode(), key.encode()))
+    return hashlib.pbkdf2_hmac("sha256", value.encode(), salt, SECRET_ROUNDS)
+
+
+def _secrets(model: Any, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, "file" | "value", the path or the value) of every secret of ``model``."""
+    out: list[tuple[str, str, Any]] = []
     for name, value in model:
+        key = prefix + name
         if isinstance(value, Path) and name.endswith("_file"):
-            out.append(value)
+            out.append((key, "file", value))
+        elif isinstance(value, SecretStr):
+            out.append((key, "value", value.get_secret_value()))
+        elif isinstance(value, str) and name.endswith("_env"):
+            out.append((key, "value", os.environ.get(value)))
         elif isinstance(value, BaseModel):
-            out += _secret_files(value)
+            out += _secrets(value, key + ".")
     return out
 
 

@@ -176,9 +176,12 @@ class LeaseKeeper:
         info = {"pid": os.getpid(), "host": self.host, "sources": len(self._held), "sources_configured": list(self._wanted)}
         instances = await self.store.heartbeat(self.owner, self.ttl, info)
         self.live_instances = max(1, len(instances))
-        if self._held:
-            kept = await self.store.renew_leases(list(self._held), self.owner, self.ttl)
-            for source in list(self._held):
+        # A lease revoked here (lost, or being yielded) is never renewed: its worker gives it
+        # back after the batch in hand, and if it does not, it lapses for another instance.
+        renewable = [s for s in self._held if not self._is_revoked(s)]
+        if renewable:
+            kept = await self.store.renew_leases(renewable, self.owner, self.ttl)
+            for source in renewable:
                 if source in kept and self._held[source] > started:
                     self._held[source] = started + ttl_s
                 else:
@@ -262,6 +265,10 @@ class LeaseKeeper:
         late = self.unowned_for(now)
         for source, seconds in late.items():
             log.warning("source_unowned", source=source, seconds=round(seconds), detail="no instance has worked it for longer than a lease")
+
+    def _is_revoked(self, source: str) -> bool:
+        event = self._revoke.get(source)
+        return event is not None and event.is_set()
 
     def _revoke_source(self, source: str, event: str, **fields: Any) -> None:
         if source in self._revoke and not self._revoke[source].is_set():

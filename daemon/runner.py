@@ -80,6 +80,10 @@ class _Worker:
     # The batch being stored and checkpointed now (shielded from cancellation).
     in_hand: asyncio.Future[None] | None = None
     in_hand_batch: Batch | None = None
+    # Crashes (bugs outside a pass) since the last successful pass: the crash backoff's attempt.
+    crashes: int = 0
+    # The source's fingerprint when it was parked: a new one (a secret file written anew) un-parks it.
+    parked_fingerprint: str | None = None
 
     @property
     def name(self) -> str:
@@ -272,7 +276,6 @@ class Runner:
 
     async def _supervise(self, worker: _Worker) -> None:
         try:
-            crashes = 0
             while True:
                 try:
                     await self._work(worker)
@@ -281,11 +284,12 @@ class Runner:
                     raise
                 except Exception:
                     # A bug outside a pass: logged with its traceback, retried, and the others go on.
-                    crashes += 1
-                    log.exception("worker_crashed", source=worker.name, crashes=crashes)
+                    # A successful pass resets the count: a crash weeks later waits the first step again.
+                    worker.crashes += 1
+                    log.exception("worker_crashed", source=worker.name, crashes=worker.crashes)
                     if self.once:
                         return
-                    await self._until(worker, asyncio.sleep(self.policy.delay(retry.ERROR, crashes)), revocable=False)
+                    await self._until(worker, asyncio.sleep(self.policy.delay(retry.ERROR, worker.crashes)), revocable=False)
                     if worker.stop.is_set():
                         return
         finally:
@@ -315,7 +319,13 @@ class Runner:
             if status.state == "parked":
                 await self._wait_parked(worker)
                 if status.state == "parked":
-                    break  # stopping
+                    if worker.stop.is_set() or leases is None:
+                        break  # stopping
+                    # The lease was revoked (lost, or yielded to a rebalance): give it back
+                    # and compete again; whoever works the source next finds it parked.
+                    await leases.give_back(worker.name)
+                    worker.started = False
+                    continue
             status.state = "syncing"
             try:
                 stored = await self.run_pass(connector, worker)
@@ -340,6 +350,7 @@ class Runner:
 
     async def _succeeded(self, worker: _Worker, stored: int) -> None:
         status = self.status[worker.name]
+        worker.crashes = 0
         status.records += stored
         status.problems = _problems(worker.connector)
         if worker.complete:
@@ -409,6 +420,7 @@ class Runner:
         status.parked_at = _now()
         since = status.refused_since or status.parked_at
         status.parked_reason = f"credentials refused since {since.astimezone(UTC):%Y-%m-%d %H:%M}Z"
+        worker.parked_fingerprint = _fingerprint(worker.connector)
         log.error(
             "source_parked",
             source=worker.name,
@@ -419,20 +431,41 @@ class Runner:
         await self._save_status(worker, force=True)
 
     async def _wait_parked(self, worker: _Worker) -> None:
-        """Stay parked, without a login, until `commsync source resume` asks otherwise or the worker stops."""
+        """Stay parked, without a login, until asked to try again, or the worker stops or loses its lease.
+
+        Tried again on `commsync source resume` (``resume_requested_at`` in the
+        status document) or when the source's fingerprint changes (a secret
+        file written anew: no reload needed). A status document that cannot be
+        read (MongoDB down) is an outage: the source stays parked and looks again.
+        """
         status = self.status[worker.name]
         load = getattr(self.sink, "load_source_status", None) if self._keeps_status else None
-        while not worker.stop.is_set():
-            doc = await load(worker.name) if load is not None else None
+        unreadable = False
+        while not worker.stop.is_set() and not self._revoked(worker):
+            changed = _fingerprint(worker.connector) != worker.parked_fingerprint
+            doc = None
+            if load is not None and not changed:
+                try:
+                    doc = await load(worker.name)
+                except Exception as exc:
+                    if not unreadable:
+                        log.warning("parked_status_not_loaded", source=worker.name, error=describe(exc))
+                    unreadable = True
+                else:
+                    unreadable = False
             asked = _aware((doc or {}).get("resume_requested_at"))
-            if asked is not None and status.parked_at is not None and asked > status.parked_at:
-                log.info("source_resumed", source=worker.name, asked_at=asked.isoformat())
+            if changed or (asked is not None and status.parked_at is not None and asked > status.parked_at):
+                if changed:
+                    log.info("source_resumed", source=worker.name, reason="credentials_changed")
+                else:
+                    log.info("source_resumed", source=worker.name, asked_at=asked.isoformat())
                 status.state = "starting"
                 status.parked_reason = status.parked_at = status.refused_since = None
                 status.refusals = 0
+                worker.parked_fingerprint = None
                 await self._save_status(worker, force=True)
                 return
-            await self._until(worker, asyncio.sleep(PARK_POLL_S), revocable=False)
+            await self._until(worker, asyncio.sleep(PARK_POLL_S))
 
     async def _restore(self, worker: _Worker) -> None:
         """Pick up what the source's status document remembers: freshness, a refusal run, parking."""
@@ -458,6 +491,7 @@ class Runner:
             status.state = "parked"
             status.parked_at = parked_at
             status.parked_reason = doc.get("parked_reason")
+            worker.parked_fingerprint = fingerprint
             log.warning("source_still_parked", source=worker.name, reason=status.parked_reason)
 
     @property

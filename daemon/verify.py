@@ -131,15 +131,24 @@ async def verify_source(connector: Connector, store: Any, *, repair: bool = Fals
     state = await store.load_state(connector.name)
     reports = []
     for stream, checkpoint in sorted(state.items()):
-        report = await _verify_stream(connector, store, stream, checkpoint)
-        if repair and report.error is None and (report.missing_ids or report.gone_ids):
-            report.repaired = await _repair(connector, store, stream, checkpoint, report)
-            again = await _verify_stream(connector, store, stream, checkpoint)
-            again.repaired = report.repaired
-            report = again
+        try:
+            report = await _verify_and_repair(connector, store, stream, checkpoint, repair)
+        except Exception as exc:
+            # A fetch error, a timeout, the store: this stream's report says so, the others still count.
+            report = StreamReport(connector.name, stream, error=describe(exc), at=now_utc())
         reports.append(report)
         log.info("stream_verified", source=connector.name, stream=stream, ok=report.ok, **_loggable(report))
     return reports
+
+
+async def _verify_and_repair(connector: Any, store: Any, stream: str, checkpoint: Mapping[str, Any], repair: bool) -> StreamReport:
+    report = await _verify_stream(connector, store, stream, checkpoint)
+    if repair and report.error is None and (report.missing_ids or report.gone_ids):
+        report.repaired = await _repair(connector, store, stream, checkpoint, report)
+        again = await _verify_stream(connector, store, stream, checkpoint)
+        again.repaired = report.repaired
+        report = again
+    return report
 
 
 async def _verify_stream(connector: Any, store: Any, stream: str, checkpoint: Mapping[str, Any]) -> StreamReport:
@@ -257,4 +266,6 @@ async def save(store: Any, source: str, reports: Iterable[StreamReport]) -> None
     """Keep each stream's result in the source's status document (`commsync status`, /metrics)."""
     fields: dict[str, Any] = {f"verified.{field_key(r.stream)}": r.counts() for r in reports if r.stream != "*"}
     fields["verified_at"] = now_utc()
+    # A run with a stream that failed is tried again sooner (daemon/upkeep.py), also after a restart.
+    fields["verify_failed"] = any(r.error is not None for r in reports)
     await store.save_source_status(source, fields)

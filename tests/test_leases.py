@@ -313,3 +313,35 @@ async def test_taking_many_leases_slowly_never_lets_the_first_ones_lapse(store):
     assert [e for e in logs if e["event"] == "lease_lost"] == []
     assert not any(keeper.revoked(s).is_set() for s in sources)
     assert await leases_of(store, "a") == set(sources)
+
+
+async def test_a_revoked_lease_is_never_renewed(store, monkeypatch):
+    """A lease this instance must give back is not kept alive for a worker that does not give it back."""
+    renewed: list[list[str]] = []
+    renew = store.renew_leases
+
+    async def spy(sources, owner, ttl):
+        renewed.append(sorted(sources))
+        return await renew(sources, owner, ttl)
+
+    monkeypatch.setattr(store, "renew_leases", spy)
+    a = LeaseKeeper(store, owner="a", ttl=TTL)
+    a.want("s")
+    await a.tick()
+    assert a.holds("s")
+    a.max_sources = 0  # a rebalance: the share drops below what is held
+    await a.tick()
+    assert a.revoked("s").is_set() and renewed == [["s"]]
+    await a.tick()
+    await a.tick()
+    assert renewed == [["s"]]  # not renewed while revoked
+    # Never given back (a worker stuck, or parked): it lapses, and another instance takes it.
+    b = LeaseKeeper(store, owner="b", ttl=TTL)
+    b.want("s")
+
+    async def b_holds():
+        await b.tick()
+        return b.holds("s")
+
+    await eventually(b_holds, what="the lapsed lease taken by another instance")
+    assert not a.holds("s")

@@ -120,3 +120,63 @@ def test_status_schema_and_cli_read_the_registry(memo_kind, tmp_path, capsys):
 def test_a_kind_cannot_take_another_kinds_settings_key(memo_kind):
     with pytest.raises(ValueError, match="belongs to kind 'memo'"):
         registry.register(registry.SourceKind("other", "memo_pads", MemoConfig, ("note",), lambda c, ctx: None))
+
+
+# -- the fingerprint: what makes a parked source try again ---------------------------------------
+
+
+def mailbox(**entry):
+    from commsync.config.models import MailboxConfig
+
+    return MailboxConfig.model_validate({"name": "sales", "host": "imap.example", "username": "sales@ourco.example", **entry})
+
+
+def twilio(**entry):
+    from commsync.config.models import TwilioAccountConfig
+
+    return TwilioAccountConfig.model_validate({"name": "support", "account_sid": "AC" + "1" * 32, **entry})
+
+
+def test_the_fingerprint_follows_each_secret_value(monkeypatch):
+    old = registry.fingerprint(mailbox(password="old password"))
+    assert registry.fingerprint(mailbox(password="old password")) == old
+    assert registry.fingerprint(mailbox(password="new password")) != old
+    assert registry.fingerprint(twilio(auth_token="a" * 32)) != registry.fingerprint(twilio(auth_token="b" * 32))
+    # A new value of the variable (the daemon restarted with it) counts as much as an edited entry.
+    monkeypatch.setenv("SALES_PW", "old password")
+    from_env = mailbox(password_env="SALES_PW")
+    before = registry.fingerprint(from_env)
+    monkeypatch.setenv("SALES_PW", "new password")
+    assert registry.fingerprint(from_env) != before
+    monkeypatch.delenv("SALES_PW")
+    assert registry.fingerprint(from_env) != before
+
+
+def test_a_secret_enters_the_fingerprint_only_salted_and_stretched():
+    import hashlib
+
+    derived = registry._secret_digest("sales", "password", "hunter2")
+    assert derived != hashlib.sha256(b"hunter2").digest()
+    # The same password in another source, or under another key, gives an unrelated digest.
+    assert derived != registry._secret_digest("support", "password", "hunter2")
+    assert derived != registry._secret_digest("sales", "auth.client_secret", "hunter2")
+    fp = registry.fingerprint(mailbox(password="hunter2"))
+    assert "hunter2" not in fp and hashlib.sha256(b"hunter2").hexdigest()[:32] != fp
+
+
+def test_a_new_sign_in_changes_the_fingerprint_where_the_daemon_reads_the_token(monkeypatch, tmp_path):
+    from commsync.config.secrets import write_secret_file
+    from commsync.connectors import oauth
+
+    state = tmp_path / "state"
+    state.mkdir()
+    monkeypatch.setenv("STATE_DIRECTORY", str(state))
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = mailbox(auth={"method": "oauth2", "provider": "google", "client_id": "c", "client_secret": "s", "refresh_token_file": "sales.token"})
+    write_secret_file(state / "sales.token", "the old token")
+    assert oauth.read_refresh_token(config.auth, "sales") == "the old token"  # where the daemon reads it
+    before = registry.fingerprint(config)
+    # `commsync auth login sales` writes it there anew.
+    write_secret_file(state / "sales.token", "the token of a new sign-in")
+    assert registry.fingerprint(config) != before

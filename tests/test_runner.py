@@ -6,8 +6,10 @@ import asyncio
 import io
 import json
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, SecretStr
 from structlog.testing import capture_logs
 
 from commsync.connectors.base import Batch, CredentialsRefused, TemporarilyUnavailable
@@ -265,10 +267,6 @@ async def test_the_shutdown_deadline_abandons_a_stuck_batch_and_says_so(memory_s
 
 
 async def test_a_parked_source_is_tried_again_once_its_config_or_secret_file_changes(memory_store, tmp_path, monkeypatch):
-    from pathlib import Path
-
-    from pydantic import BaseModel
-
     class Config(BaseModel):
         name: str
         host: str
@@ -296,3 +294,135 @@ async def test_a_parked_source_is_tried_again_once_its_config_or_secret_file_cha
     assert await run_until_settled(refusing(host="imap2.example")) > 0  # the entry changed: tried again
     secret.write_text("the new password, longer\n")  # fixed on disk, entry unchanged: tried again
     assert await run_until_settled(refusing(host="imap2.example")) > 0
+
+
+class SecretConfig(BaseModel):
+    name: str
+    host: str = "imap.example"
+    password: SecretStr | None = None
+    password_file: Path | None = None
+
+
+def configured(password=None, password_file=None):
+    """A refusing source with a config entry (what its fingerprint is made of)."""
+    connector = Refusing("sales")
+    connector.config = SecretConfig(name="sales", password=password, password_file=password_file)
+    return connector
+
+
+async def test_a_parked_source_is_tried_again_when_its_inline_secret_changes_and_the_config_reloads(memory_store, monkeypatch):
+    monkeypatch.setattr(runner_module, "PARK_POLL_S", 0.02)
+    runner = Runner([configured(password="old password")], StoreSink(memory_store), policy=FAST_REFUSALS)
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: runner.status["sales"].state == "parked", what="parked")
+        # A reload restarts a source whose entry changed: remove, then add the new one.
+        same = configured(password="old password")
+        await runner.remove("sales")
+        runner.add(same)
+        await eventually(lambda: runner.status["sales"].state == "parked", what="still parked")
+        assert same.attempts == 0  # the same secret: no login
+        fixed = configured(password="the new password")
+        fixed.fixed = True
+        await runner.remove("sales")
+        runner.add(fixed)
+        await eventually(lambda: runner.status["sales"].records == 2, what="tried again with the new password")
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_parked_source_is_tried_again_when_its_secret_file_is_written_anew_without_a_reload(memory_store, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_module, "PARK_POLL_S", 0.02)
+    secret = tmp_path / "sales.pw"
+    secret.write_text("old password\n")
+    connector = configured(password_file=secret)
+    runner = Runner([connector], StoreSink(memory_store), policy=FAST_REFUSALS)
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: runner.status["sales"].state == "parked", what="parked")
+        connector.fixed = True
+        secret.write_text("the new password, longer\n")
+        await eventually(lambda: runner.status["sales"].records == 2, what="tried again with the new file")
+        await eventually(lambda: _state_saved(memory_store, "sales", "waiting"), what="no longer parked in MongoDB")
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def _state_saved(store, source, state):
+    return ((await store.source_status(source)) or {}).get("state") == state
+
+
+async def test_a_parked_source_rides_out_a_mongodb_outage(memory_store, monkeypatch):
+    monkeypatch.setattr(runner_module, "PARK_POLL_S", 0.02)
+
+    class FlakySink(StoreSink):
+        down = False
+        failed = 0
+
+        async def load_source_status(self, source):
+            if self.down:
+                self.failed += 1
+                raise ConnectionError("MongoDB is not answering")
+            return await super().load_source_status(source)
+
+    sink = FlakySink(memory_store)
+    connector = Refusing("sales")
+    runner = Runner([connector], sink, policy=FAST_REFUSALS)
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: runner.status["sales"].state == "parked", what="parked")
+        with capture_logs() as logs:
+            sink.down = True
+            await eventually(lambda: sink.failed >= 5, what="looked again and again")
+            sink.down = False
+        assert not [e for e in logs if e["event"] == "worker_crashed"]
+        assert [e["event"] for e in logs if e.get("source") == "sales"].count("parked_status_not_loaded") == 1  # once per outage
+        assert runner.status["sales"].state == "parked" and not task.done()
+        connector.fixed = True
+        assert await memory_store.request_resume("sales")
+        await eventually(lambda: runner.status["sales"].records == 2, what="resumed after the outage")
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_parked_source_gives_back_a_lease_it_lost(memory_store, monkeypatch):
+    from commsync.daemon.leases import LeaseKeeper
+
+    monkeypatch.setattr(runner_module, "PARK_POLL_S", 0.02)
+    keeper = LeaseKeeper(memory_store, owner="a", ttl=timedelta(seconds=1))
+    runner = Runner([Refusing("sales")], StoreSink(memory_store), policy=FAST_REFUSALS, leases=keeper)
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: runner.status["sales"].state == "parked", what="parked")
+        # Another instance holds it now (ours lapsed during a stall): the parked worker lets go.
+        later = runner_module._now() + timedelta(hours=1)
+        await memory_store.db["leases"].update_one({"_id": "sales"}, {"$set": {"owner": "b", "expires_at": later}})
+        await eventually(lambda: runner.status["sales"].state == "waiting for lease", what="gave the lease back")
+        assert not keeper.holds("sales") and "sales" not in keeper._held
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_crash_after_a_successful_pass_waits_the_first_step_again(memory_store, monkeypatch):
+    runner = Runner([ListConnector("a", 2)], StoreSink(memory_store), poll_interval=timedelta(seconds=30), backoff_max=timedelta(milliseconds=10))
+    waits = 0
+    wait_between_passes = runner._wait_between_passes
+
+    async def crashing_twice(worker):
+        nonlocal waits
+        waits += 1
+        if waits <= 2:
+            raise RuntimeError("a bug between passes")
+        await wait_between_passes(worker)
+
+    monkeypatch.setattr(runner, "_wait_between_passes", crashing_twice)
+    with capture_logs() as logs:
+        task = asyncio.create_task(runner.run())
+        await eventually(lambda: waits >= 3, what="two crashes, each after a successful pass")
+        runner.stop()
+        await asyncio.wait_for(task, 5)
+    assert [e["crashes"] for e in logs if e["event"] == "worker_crashed"] == [1, 1]

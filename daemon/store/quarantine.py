@@ -99,6 +99,33 @@ class QuarantineMixin(StoreBase):
         )
         return len(ops)
 
+    async def quarantine_attempt_failed(
+        self, source: str, stream: str, item_ids: Iterable[Any], error: str, *, stream_gone: bool = False
+    ) -> int:
+        """Count a retry of these entries that failed before their items could be read (the whole stream failed).
+
+        One attempt further on the same schedule as a failed read; after
+        ``MAX_ATTEMPTS`` the admin's turn. ``error`` (already described, never
+        content) is kept as ``last_error``; when the stream itself is gone it
+        becomes the entry's reason, so that `quarantine list` says why.
+        """
+        ids = list(item_ids)
+        if not ids:
+            return 0
+        now = now_utc()
+        query = {"source": source, "stream": stream, "item_id": {"$in": ids}}
+        fields: dict[str, Any] = {"last_attempt_at": now, "last_error": cut(error, 300)}
+        if stream_gone:
+            fields["reason"] = cut(f"stream {stream!r} is gone at the source: {error}", 300)
+        result = await self.quarantined.update_many(query, {"$set": fields, "$inc": {"attempts": 1}})
+        docs = await self.quarantined.find(query, {"attempts": 1}).to_list(None)
+        if docs:
+            await self.quarantined.bulk_write(
+                [UpdateOne({"_id": d["_id"]}, {"$set": {"next_attempt_at": _due(now, d.get("attempts", 1))}}) for d in docs],
+                ordered=False,
+            )
+        return result.modified_count
+
     async def quarantine_list(self, source: str | None = None) -> list[dict[str, Any]]:
         """Every entry (of one source), oldest first."""
         q = {} if source is None else {"source": source}
