@@ -411,7 +411,7 @@ class ImapConnector:
                     changed = await self._idle_until(client, main, deadline, others if not notify else [])
             finally:
                 if notify and self._client is client:
-                    await self._call(imap_extensions.notify_none, client)
+                    await self._stop_notify(client)
             self._wait_failures = 0
             if changed:
                 self._log.debug("new_mail", folders=sorted(changed))
@@ -431,6 +431,24 @@ class ImapConnector:
             return False
         except Exception as exc:
             return await self._lost(exc, deadline)
+
+    async def _stop_notify(self, client: imapclient.IMAPClient) -> None:
+        """NOTIFY NONE after a wait; when the server refuses it or the connection fails, drop the connection.
+
+        What the wait found stands either way: the next pass reconnects, and a
+        new connection has no notifications to stop. A refusal (BAD) turns
+        NOTIFY off for this connector, as a refused NOTIFY does.
+        """
+        try:
+            await self._call(imap_extensions.notify_none, client)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            refused = isinstance(exc, IMAPClientError) and not isinstance(exc, IMAPClientAbortError)
+            self._log.warning("notify_none_failed", error=_describe(exc), refused=refused)
+            if refused:
+                self._no_notify = True
+            await self._drop()
 
     async def _lost(self, exc: BaseException, deadline: float) -> bool:
         """The connection went away while waiting: the next pass reconnects, after a pause if this keeps happening."""

@@ -247,18 +247,24 @@ class _Verify:
         return call_record(root, legs, own, self.options)
 
     async def _get_json(self: TwilioConnector, what: str, path: str) -> dict[str, Any] | None:
-        """One resource of the account as Twilio's JSON (None when it does not exist)."""
-        account = await self._call(self._account)
-        del account  # makes the client; the request below goes through its (rebased) HTTP client
+        """One resource of the account as Twilio's JSON (None when it does not exist).
+
+        Its errors go through `_request` as a list page's do: 401/403 drop the
+        client (the secret is read again), 429 waits and tries again, the rest
+        carries Retry-After to the runner.
+        """
         url = f"https://api.twilio.com/2010-04-01/Accounts/{self.config.account_sid}/{path}"
-        response = await self._request(what, self._client.request, "GET", url)
-        status = getattr(response, "status_code", None)
-        if status == 404:
+
+        def get() -> Any:
+            self._account()  # the client, made anew after a refusal dropped it; its HTTP client is the (rebased) one
+            response = self._client.request("GET", url)  # type: ignore[union-attr]
+            if getattr(response, "status_code", None) != 200:
+                raise TwilioException("Unable to fetch resource", response)  # as a failed list page: status and headers kept
+            return response
+
+        response = await self._request(what, get, missing_ok=True)
+        if response is None:
             return None
-        if status in (401, 403):
-            raise CredentialsRefused(f"{what}: credentials refused for account {self.config.account_sid} (HTTP {status})")
-        if status != 200:
-            raise TwilioUnavailable(f"{what}: HTTP {status}{_error_detail(getattr(response, 'text', None))}")
         try:
             body = json.loads(response.text)
         except ValueError:

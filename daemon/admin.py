@@ -112,6 +112,7 @@ async def purge(store: Store, days: int, *, now: datetime | None = None, dry_run
         if n == 0:
             break
     await store.drop_tombstones_before(cutoff)
+    await store.drop_excluded_before(cutoff)
     log.info("records_purged", records=deleted, customers=len(customers), days=days)
     return Selection(deleted, len(customers))
 

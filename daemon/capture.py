@@ -121,9 +121,33 @@ def item_of(record: Mapping[str, Any], source: str | None, stream: str | None) -
     """Which item of ``source``/``stream`` a record came from: (its id there, what else locates it).
 
     An IMAP message is its UID under a UIDVALIDITY; anything else is the
-    record's own id (a Twilio SID).
+    record's own id (a Twilio SID). The first, when it came from several (see `items_of`).
     """
-    for entry in record.get("sources", ()):
-        if entry.get("source") == source and entry.get("uid") is not None and entry.get("folder", stream) == stream:
-            return entry["uid"], {"uidvalidity": entry.get("uidvalidity")}
-    return record.get("_id"), {}
+    return items_of(record, source, stream)[0]
+
+
+def items_of(record: Mapping[str, Any], source: str | None, stream: str | None) -> list[tuple[Any, dict[str, Any]]]:
+    """Every item of ``source``/``stream`` a record came from, as `item_of` names them.
+
+    A batch may hold one message under two UIDs of a folder (a copy); they
+    become one record (`merge_duplicates`), and what is noted about it (left
+    out, quarantined) holds for each of them.
+    """
+    return [(e["uid"], {"uidvalidity": e.get("uidvalidity")}) for e in _entries(record, source, stream)] or [(record.get("_id"), {})]
+
+
+def per_item(record: Mapping[str, Any], source: str | None, stream: str | None) -> list[dict[str, Any]]:
+    """``record`` once per item of ``source``/``stream`` it came from, each copy with that item's source entry only.
+
+    For code that notes one item per record (`item_of`), so every UID of a merged record is noted.
+    """
+    entries = _entries(record, source, stream)
+    return [{**record, "sources": [e]} for e in entries] if len(entries) > 1 else [dict(record)]
+
+
+def _entries(record: Mapping[str, Any], source: str | None, stream: str | None) -> list[Mapping[str, Any]]:
+    return [
+        e
+        for e in record.get("sources", ())
+        if e.get("source") == source and e.get("uid") is not None and e.get("folder", stream) == stream
+    ]

@@ -265,3 +265,28 @@ async def test_a_refused_notify_falls_back_instead_of_spinning(dovecot, imap_use
         assert await asyncio.wait_for(waiting, 10) is True and connector._wake == ["Sent"]
     finally:
         await connector.aclose()
+
+
+async def test_a_refused_notify_none_keeps_the_mail_it_found_and_drops_the_connection(dovecot, imap_user):
+    """NOTIFY NONE answered BAD after the wait found mail: the wait reports it at once, the next pass reconnects."""
+    connector = connector_for(dovecot, imap_user)  # INBOX and Sent: IDLE with NOTIFY
+    try:
+        await drain(connector)
+        client = connector._client
+        real = client._imap._simple_command
+
+        def refusing(name, *args):
+            if name == "NOTIFY" and args[:1] == ("NONE",):
+                raise imapclient.exceptions.IMAPClientError("NOTIFY command error: BAD [b'Error in IMAP command NOTIFY']")
+            return real(name, *args)
+
+        client._imap._simple_command = refusing
+        dovecot.append(imap_user.name, "Sent", message(9))
+        # Not the deadline (60 s): the mail NOTIFY SET reported stands.
+        assert await asyncio.wait_for(connector.wait_for_change(60), 10) is True
+        assert connector._wake == ["Sent"]
+        assert connector._client is None  # dropped: its notifications could not be stopped
+        assert [r["subject"][:10] for r in await drain(connector)] == ["Order 1009"]
+        assert connector._client is not None and connector._client is not client
+    finally:
+        await connector.aclose()

@@ -83,6 +83,19 @@ def test_verify_a_complete_mailbox_then_find_repair_and_prove_what_was_removed(d
     assert doc["verified"]["INBOX"]["missing"] == 0 and doc["verified"]["INBOX"]["stored"] == 6
 
 
+def test_a_message_twice_in_a_folder_counts_under_both_uids(dovecot, imap_user, cli):
+    """Two copies of one message (one Message-ID) read in one batch: one record, and both UIDs accounted for."""
+    for raw in (message(1), message(1), NEWSLETTER, NEWSLETTER):
+        dovecot.append(imap_user.name, "INBOX", raw)
+    cli.write(mailboxes=[mailbox(dovecot, imap_user)])
+    assert (cli("run", "--once"))[0] == 0
+    assert cli.db(lambda db: db.records.count_documents({})) == 1
+    code, out = cli("verify", "--json")
+    (report,) = lines(out)
+    assert code == 0, out
+    assert (report["remote"], report["stored"], report["excluded"], report["missing"]) == (4, 2, {"automated": 2}, [])
+
+
 def test_deleted_records_and_mail_gone_from_the_server_are_neither_missing_nor_stored(dovecot, imap_user, cli):
     for i in range(4):
         dovecot.append(imap_user.name, "INBOX", message(i))

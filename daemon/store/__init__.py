@@ -41,6 +41,7 @@ from .events import (
 from .memory import patch_mongomock
 from .quarantine import QuarantineMixin
 from .records import BatchResult, RecordsMixin
+from .refusals import StoreWriteRefused
 from .verify import VerifyMixin
 
 # The driver's errors that mean "the server cannot be reached now" (an outage, retried), for code outside the store.
@@ -74,6 +75,7 @@ __all__ = [
     "RecordsInvalidated",
     "ResumePointLost",
     "Store",
+    "StoreWriteRefused",
     "id_variants",
     "now_utc",
     "patch_mongomock",

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from .histories import HistoryMixin
+from .refusals import sanitized
 
 
 class AdminMixin(HistoryMixin):
@@ -47,15 +48,18 @@ class AdminMixin(HistoryMixin):
             found = found.limit(limit)
         return found.batch_size(500).__aiter__()
 
+    @sanitized
     async def delete_records(self, ids: Sequence[Any]) -> int:
         """Delete records without tombstones (retention: capture refuses them anyway); how many went."""
         query = {"_id": {"$in": list(ids)}}
         # With transactions, histories change with the records (`change_records`).
         return (await self.change_records(ids, lambda session: self.records.delete_many(query, session=session), deletes=True)).deleted_count
 
+    @sanitized
     async def drop_tombstones_before(self, cutoff: datetime) -> int:
         return (await self.tombstones.delete_many({"occurred_at": {"$lt": cutoff}})).deleted_count
 
+    @sanitized
     async def pull_from_records(self, ids: Sequence[Any], pull: Mapping[str, Any]) -> int:
         """``$pull`` ``pull`` from the records ``ids``; how many changed."""
         if not ids:
@@ -71,6 +75,7 @@ class AdminMixin(HistoryMixin):
         """Every customer's emails and phones, one cursor."""
         return self.customers.find({}, {"emails": 1, "phones": 1}).__aiter__()
 
+    @sanitized
     async def delete_customer(self, cid: Any) -> bool:
         return (await self.customers.delete_one({"_id": cid})).deleted_count == 1
 
@@ -78,5 +83,6 @@ class AdminMixin(HistoryMixin):
         """The history document of the customer whose _id is one of ``ids``."""
         return await self.history.find_one({"_id": {"$in": list(ids)}})
 
+    @sanitized
     async def delete_histories(self, ids: Sequence[Any]) -> int:
         return (await self.history.delete_many({"_id": {"$in": list(ids)}})).deleted_count

@@ -26,6 +26,8 @@ TOMBSTONES = "tombstones"
 SUPPRESSIONS = "suppressions"
 # Items that could not be captured, kept for retries and for an admin.
 QUARANTINE = "quarantine"
+# Items the capture policy left out on purpose, one entry each, for `commsync verify` (verify.py).
+EXCLUDED = "excluded"
 # Scale-out: who works which source (leases), which instances are alive, and
 # each source's last outcome for `commsync status`.
 LEASES = "leases"
@@ -70,6 +72,7 @@ class StoreBase:
         self.suppressions = self.db[SUPPRESSIONS]
         self.revisions = self.db[REVISIONS]
         self.quarantined = self.db[QUARANTINE]
+        self.excluded = self.db[EXCLUDED]
         # Commands sent to the server (None on memory://): tests and benchmarks count round trips with it.
         self.commands = commands
         # Within one process recomputations of histories take turns (see REVISIONS for several).
@@ -127,6 +130,10 @@ class StoreBase:
         await self.quarantined.create_index([("source", 1), ("stream", 1)], name="source_stream")
         # verify: a folder's records by their source entries.
         await self.records.create_index([("sources.source", 1), ("sources.folder", 1), ("sources.uidvalidity", 1)], name="source_folder")
+        # verify: a stream's excluded items (under one UIDVALIDITY); a new UIDVALIDITY deletes the older ones.
+        await self.excluded.create_index([("source", 1), ("stream", 1), ("uidvalidity", 1)], name="source_stream_uidvalidity")
+        # purge: entries of items older than the retention period.
+        await self.excluded.create_index([("occurred_at", 1)], name="occurred")
 
     # -- checkpoints ---------------------------------------------------------
 

@@ -33,6 +33,7 @@ from pymongo.read_concern import ReadConcern
 
 from .. import history
 from .base import StoreBase, now_utc
+from .refusals import refusal, sanitized
 
 log = structlog.get_logger(__name__)
 
@@ -160,6 +161,7 @@ class HistoryMixin(StoreBase):
         await self._write_history(list(docs), {cid: d for cid, d in docs.items() if d is not None}, {}, session=session)
         return len(docs)
 
+    @sanitized
     async def change_records(self, ids: Sequence[Any], change: Callable[[Any], Awaitable[T]], *, deletes: bool = False) -> T:
         """Run ``change(session)``, a write to the records ``ids``, with the history changes it makes, in one transaction.
 
@@ -181,6 +183,7 @@ class HistoryMixin(StoreBase):
         async with self._history_lock:
             return await self.in_transaction(work)
 
+    @sanitized
     async def settle_histories(self, customer_ids: Iterable[Any]) -> None:
         """After `change_records` writes: recompute ``customer_ids`` where the server had no transaction to keep them current."""
         if not await self.uses_transactions():
@@ -188,6 +191,7 @@ class HistoryMixin(StoreBase):
 
     # -- recomputation -------------------------------------------------------------------------
 
+    @sanitized
     async def refresh_history(self, customer_ids: Iterable[Any]) -> int:
         """Recompute the history documents of ``customer_ids`` from their records; how many have one.
 
@@ -249,13 +253,17 @@ class HistoryMixin(StoreBase):
             return
         try:
             await self.history.bulk_write(ops, ordered=False)
+            return
         except pymongo.errors.BulkWriteError as exc:
             # A newer revision is stored already: the upsert of the older one collides on _id and stays out.
-            if any(err.get("code") != 11000 for err in exc.details.get("writeErrors", ())):
-                raise
+            if all(err.get("code") == 11000 for err in exc.details.get("writeErrors", ())):
+                return
+            failed = refusal(exc)  # its text holds the history documents
+        raise failed from None
 
     # -- rebuild and check -----------------------------------------------------------------------
 
+    @sanitized
     async def rebuild_history(self, *, write: bool = False) -> dict[Any, dict[str, Any]]:
         """History of every customer computed from scratch; stored too when ``write``.
 

@@ -19,6 +19,7 @@ from ..text import cut
 from . import memory
 from .base import HISTORY, REVISIONS, now_utc
 from .histories import HistoryMixin, Retry, as_stored
+from .refusals import refusal, sanitized
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +49,7 @@ class BatchResult:
 class RecordsMixin(HistoryMixin):
     """The capture path of the store."""
 
+    @sanitized
     async def write_batch(
         self,
         records: Sequence[Mapping[str, Any]],
@@ -74,6 +76,8 @@ class RecordsMixin(HistoryMixin):
             # The remote ids these entries name are void (a new UIDVALIDITY): the
             # re-read adds fresh entries, so mark the stale ones gone.
             await self.retire_sources(drop_sources)
+            # What the ledger says of those ids is void too (verify would count other messages as excluded).
+            await self.forget_excluded(drop_sources)
         quarantined = 0
         if malformed:
             quarantined += await self.quarantine_items(source, stream, malformed)
@@ -111,7 +115,9 @@ class RecordsMixin(HistoryMixin):
             inserted, refused = await self._bulk_upsert(ops)
         refused += oversized
         if refused:
-            quarantined += await self.quarantine_records(source, stream, refused)
+            # One entry per item: a record merged from two UIDs of the stream is quarantined under both.
+            items = [(copy, why) for record, why in refused for copy in capture.per_item(record, source, stream)]
+            quarantined += await self.quarantine_records(source, stream, items)
         if not deltas:
             await self.refresh_history(plan.touched)
         refused_ids = tuple(record["_id"] for record, _ in refused)
@@ -150,10 +156,12 @@ class RecordsMixin(HistoryMixin):
         except pymongo.errors.BulkWriteError as exc:
             # Never log exc or its details: they hold the documents themselves.
             details = exc.details
-            refused = _refused(ops, details.get("writeErrors", ()))
             if details.get("writeConcernErrors"):
-                raise
-            return int(details.get("nUpserted", 0)), refused
+                failed = refusal(exc)
+            else:
+                return int(details.get("nUpserted", 0)), _refused(ops, details.get("writeErrors", ()))
+        # Outside the except block: the driver's error is neither cause nor context of this one.
+        raise failed from None
 
     async def _upsert_keeping_history(self, ops: list[UpdateOne]) -> tuple[int, list[tuple[dict[str, Any], str]]]:
         """The records' bulk upsert and what it changes in histories, one transaction; (inserted, the records refused).
@@ -198,6 +206,7 @@ class RecordsMixin(HistoryMixin):
         customers = await self.customers.find(query, {"emails": 1, "phones": 1}).to_list(None)
         return matching.index_customers(customers, self.default_region)
 
+    @sanitized
     async def retire_sources(self, stale: Mapping[str, Any], *, record_ids: Sequence[Any] | None = None) -> int:
         """Mark source entries whose remote ids are void (a folder's new UIDVALIDITY, a renamed folder) gone.
 
@@ -225,12 +234,14 @@ class RecordsMixin(HistoryMixin):
         by_key = await self._customers_by_key(set().union(*(matching.external_addresses(r) for r in records)) if records else set())
         return [matching.assign(r, by_key) for r in records]
 
+    @sanitized
     async def set_customer_ids(self, changes: Mapping[Any, Sequence[Any]]) -> None:
         """Re-link records: ``changes`` maps record ids to their new customer ids."""
         if changes:
             ops = [UpdateOne({"_id": rid}, {"$set": {"customer_ids": list(cids)}}) for rid, cids in changes.items()]
             await self.change_records(list(changes), lambda session: self.records.bulk_write(ops, ordered=False, session=session))
 
+    @sanitized
     async def tombstone_and_delete(self, docs: Sequence[Mapping[str, Any]], reason: str) -> int:
         """Delete the records ``docs`` name, after leaving a tombstone for each that capture honours."""
         if not docs:
@@ -248,6 +259,7 @@ class RecordsMixin(HistoryMixin):
         result = await self.change_records(ids, lambda session: self.records.delete_many({"_id": {"$in": ids}}, session=session), deletes=True)
         return result.deleted_count
 
+    @sanitized
     async def suppress(self, digests: Iterable[str], reason: str) -> int:
         """Add `policy.suppression_key` digests to the suppression list; how many were new."""
         wanted = sorted(set(digests))
@@ -260,6 +272,7 @@ class RecordsMixin(HistoryMixin):
         )
         return result.upserted_count
 
+    @sanitized
     async def create_customers(self, docs: Iterable[Mapping[str, Any]]) -> int:
         """Insert customers commsync made up, leaving any that already exist untouched; how many were new."""
         now = now_utc()
@@ -271,6 +284,7 @@ class RecordsMixin(HistoryMixin):
             return 0
         return (await self.customers.bulk_write(ops, ordered=False)).upserted_count
 
+    @sanitized
     async def upsert_customers(self, docs: Sequence[Mapping[str, Any]], origin: str) -> tuple[int, int]:
         """Insert or update customers {_id, name, emails, phones}; (inserted, updated)."""
         if not docs:
@@ -312,7 +326,9 @@ def _refused(ops: Sequence[UpdateOne], errors: Iterable[Mapping[str, Any]]) -> l
     for err in errors:
         op = ops[err["index"]]
         doc = {"_id": op._filter["_id"], **op._doc["$set"], "sources": op._doc["$addToSet"]["sources"]["$each"]}
-        refused.append((doc, f"server refused the record (code {err.get('code')}: {cut(str(err.get('errmsg', '')), 200)})"))
+        # A duplicate key's message quotes the key's value (an address under a unique index): not kept.
+        reason = str(err.get("errmsg", "")).split(" dup key:")[0]
+        refused.append((doc, f"server refused the record (code {err.get('code')}: {cut(reason, 200)})"))
     log.warning("records_refused", records=[d["_id"] for d, _ in refused][:20], count=len(refused))
     return refused
 

@@ -9,14 +9,15 @@ retention), one entry per item, so verify tells "left out on purpose" from
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from pymongo import UpdateOne
 
-from .. import capture
+from .. import capture, policy
 from .base import StoreBase, now_utc
+from .refusals import sanitized
 
-EXCLUDED = "excluded"
 _CHUNK = 10_000
 
 
@@ -28,6 +29,7 @@ def excluded_id(source: str | None, stream: str | None, item_id: Any, detail: Ma
 class VerifyMixin(StoreBase):
     """The excluded-items ledger, and the facts verify compares with the remote side."""
 
+    @sanitized
     async def note_excluded(self, source: str | None, stream: str | None, left_out: Mapping[Any, tuple[str, dict[str, Any]]]) -> None:
         """Remember, per item, why capture left it out (one bulk write per batch that left any out)."""
         if not left_out or source is None:
@@ -35,10 +37,38 @@ class VerifyMixin(StoreBase):
         now = now_utc()
         ops = []
         for rid, (reason, record) in left_out.items():
-            item_id, detail = capture.item_of(record, source, stream)
-            doc = {"source": source, "stream": stream, "item_id": item_id, **detail, "record_id": rid, "reason": reason, "at": now}
-            ops.append(UpdateOne({"_id": excluded_id(source, stream, item_id, detail)}, {"$set": doc}, upsert=True))
-        await self.db[EXCLUDED].bulk_write(ops, ordered=False)
+            # When the contact happened: purge drops the entries of items past retention.
+            occurred = record.get("occurred_at")
+            for item_id, detail in capture.items_of(record, source, stream):
+                doc = {"source": source, "stream": stream, "item_id": item_id, **detail, "record_id": rid, "reason": reason, "at": now}
+                if isinstance(occurred, datetime):
+                    doc["occurred_at"] = occurred
+                ops.append(UpdateOne({"_id": excluded_id(source, stream, item_id, detail)}, {"$set": doc}, upsert=True))
+        await self.excluded.bulk_write(ops, ordered=False)
+
+    @sanitized
+    async def forget_excluded(self, stale: Mapping[str, Any]) -> int:
+        """Delete the entries of items whose ids are void: ``stale`` as `retire_sources` takes it (source, folder, uidvalidity).
+
+        A new UIDVALIDITY renumbers a folder, and a folder gone from the server
+        takes its items along: their entries would name other messages, or nothing.
+        """
+        if "source" not in stale or "folder" not in stale:
+            return 0
+        query: dict[str, Any] = {"source": stale["source"], "stream": stale["folder"]}
+        if "uidvalidity" in stale:
+            query["uidvalidity"] = stale["uidvalidity"]
+        return (await self.excluded.delete_many(query)).deleted_count
+
+    @sanitized
+    async def drop_excluded_before(self, cutoff: datetime) -> int:
+        """Delete the entries of items that occurred before ``cutoff`` (retention purge), but those left out *for* retention.
+
+        Those say why an old item still on the server has no record, and
+        there is one per such item at most: without it, verify would call it missing.
+        """
+        query = {"occurred_at": {"$lt": cutoff}, "reason": {"$ne": policy.DROP_RETENTION}}
+        return (await self.excluded.delete_many(query)).deleted_count
 
     async def stored_items(self, source: str, stream: str, scope: Mapping[str, Any], record_ids: Sequence[Any] = ()) -> dict[Any, dict[str, Any]]:
         """Items of ``source``/``stream`` that have a record: item id -> {record_id, gone}.
@@ -70,7 +100,7 @@ class VerifyMixin(StoreBase):
         q: dict[str, Any] = {"source": source, "stream": stream}
         if "uidvalidity" in scope:
             q["uidvalidity"] = scope["uidvalidity"]
-        return {d["item_id"]: d["reason"] async for d in self.db[EXCLUDED].find(q, {"item_id": 1, "reason": 1})}
+        return {d["item_id"]: d["reason"] async for d in self.excluded.find(q, {"item_id": 1, "reason": 1})}
 
     async def quarantined_items(self, source: str, stream: str) -> set[Any]:
         return {d["item_id"] async for d in self.quarantined.find({"source": source, "stream": stream}, {"item_id": 1})}
@@ -83,6 +113,7 @@ class VerifyMixin(StoreBase):
             out |= {d["_id"] async for d in self.tombstones.find({"_id": {"$in": ids[start : start + _CHUNK]}}, {"_id": 1})}
         return out
 
+    @sanitized
     async def mark_gone(self, source: str, stream: str, scope: Mapping[str, Any], item_ids: Iterable[Any]) -> int:
         """Mark the source entries of items no longer on the server ``gone_at`` (verify --repair)."""
         ids = list(item_ids)
