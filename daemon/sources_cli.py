@@ -100,6 +100,8 @@ async def quarantine_retry(store: Store, settings: Any, args: argparse.Namespace
         for e in items:
             item = e.get("item_id")
             outcome = "stored" if item in report.stored else "no longer on the server: let go" if item in report.gone else "still failing"
+            if outcome == "still failing" and e.get("stream") in report.errors:
+                outcome += f" ({report.errors[e['stream']]})"
             io.print(f"{e['_id']}: {outcome}")
         failed += len([e for e in items if e.get("item_id") not in report.stored and e.get("item_id") not in report.gone])
     return 1 if failed else 0

@@ -150,3 +150,20 @@ async def test_a_record_the_server_refuses_costs_that_record_not_the_batch(real_
     assert (entry["item_id"], entry["record_id"]) == (9, "bad@x") and "code 121" in entry["reason"]
     # The log names the record, never its content.
     assert not any("subject bad@x" in json.dumps(e, default=str) for e in logs)
+
+
+def test_a_cli_retry_that_cannot_read_its_folder_says_why(dovecot, imap_user, cli):
+    dovecot.doveadm("mailbox", "create", "-u", imap_user.name, "Projects")
+    dovecot.append(imap_user.name, "Projects", message(1))
+    cli.write(mailboxes=[dovecot.mailbox(imap_user, addresses=[f"{imap_user.name}@ourco.example"], folders=["INBOX", "Projects"])])
+    assert cli("run", "--once")[0] == 0
+    uidvalidity = cli.db(lambda db: db.load_state("m"))["Projects"]["uidvalidity"]
+    item = MalformedItem("the parser process died on this message", item_id=1, stream="Projects", detail={"uidvalidity": uidvalidity})
+    cli.db(lambda db: db.quarantine_items("m", "Projects", [item]))
+    dovecot.doveadm("mailbox", "delete", "-u", imap_user.name, "-s", "Projects")
+
+    code, out = cli("quarantine", "retry", "m/Projects/1")
+    assert code == 1
+    assert out.startswith("m/Projects/1: still failing (") and "Projects" in out, out
+    (entry,) = cli.db(lambda db: db.quarantine_list())
+    assert entry["attempts"] == 2  # the capture that quarantined it, then this retry
