@@ -39,3 +39,29 @@ async def test_reload_keeps_restart_only_keys_at_their_running_values(tmp_path, 
     assert await supervisor.reload() is True
     # retention needs a restart (the purge job keeps its schedule): capture does not start refusing old records.
     assert (await memory_store.write_batch([old_record])).records == 1
+
+
+def test_a_start_with_no_sources_is_refused_as_a_bad_config(tmp_path, capsys):
+    from commsync.daemon.cli import main
+
+    path = tmp_path / "commsync.yaml"
+    path.write_text(json.dumps({"mongodb": {"uri": "memory://"}}))
+    assert main(["run", "-c", str(path)]) == 2  # the unit's RestartPreventExitStatus=2: not restarted
+    assert "the config lists no sources" in capsys.readouterr().err
+
+
+async def test_a_reload_that_removes_every_source_leaves_the_daemon_idling(tmp_path, memory_store):
+    from structlog.testing import capture_logs
+
+    path = tmp_path / "commsync.yaml"
+    box = {"name": "m", "host": "127.0.0.1", "port": 9, "security": "none", "username": "u", "password": "p"}
+    path.write_text(json.dumps({"mongodb": {"uri": "memory://"}, "mailboxes": [box]}))
+    runner = Runner([], StoreSink(memory_store))
+    supervisor = Supervisor(path, load_settings(path), runner, None)
+    supervisor.start()
+    assert set(runner.status) == {"m"}
+    path.write_text(json.dumps({"mongodb": {"uri": "memory://"}}))
+    with capture_logs() as logs:
+        assert await supervisor.reload() is True
+    assert [e["event"] for e in logs if e["event"] in ("no_sources", "reloaded")] == ["no_sources", "reloaded"]
+    assert set(runner.status) == set() and not runner.stopping
