@@ -19,7 +19,11 @@ CUSTOMERS = [
     {"_id": "c-carol", "name": "Carol Nobody", "emails": ["carol@example.net"], "phones": []},
 ]
 
-CORPUS = Path(os.environ.get("COMMSYNC_CORPUS_DIR") or Path(__file__).resolve().parents[2] / "shared" / "corpus" / "email")
+# Material shared beside the checkout (CI clones the repository next to shared/), never copied in.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CORPUS = Path(os.environ.get("COMMSYNC_CORPUS_DIR") or SHARED / "corpus" / "email")
+CORPUS_FILES = sorted(CORPUS.glob("*.eml")) if CORPUS.is_dir() else []
+TWILIO_SPEC = SHARED / "twilio" / "twilio_api_v2010.json"
 
 
 def with_cc(record: dict[str, Any], address: str) -> dict[str, Any]:

@@ -10,9 +10,7 @@ from commsync.daemon import admin, app, policy, queries
 from commsync.daemon.runner import Runner, StoreSink
 
 from mailgen import message
-from seed import CORPUS, assert_histories_are_rebuild, expected_automated
-
-CORPUS_FILES = sorted(CORPUS.glob("*.eml")) if CORPUS.is_dir() else []
+from seed import CORPUS, CORPUS_FILES, assert_histories_are_rebuild, expected_automated
 
 
 def settings_for(dovecot, *users, folders=("INBOX",), **extra):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -15,9 +14,8 @@ from commsync.daemon.runner import Runner
 
 from eventually import eventually
 from mailgen import message
+from seed import CORPUS, CORPUS_FILES
 from sinks import CountingSink, CrashingSink
-
-CORPUS = Path(__import__("os").environ.get("COMMSYNC_CORPUS_DIR") or Path(__file__).resolve().parents[2] / "shared" / "corpus" / "email")
 
 
 def settings_for(dovecot, *users, capture=None, **mailbox):
@@ -228,26 +226,20 @@ async def test_process_pool_parsing(dovecot, imap_user, memory_store):
     assert await memory_store.records.count_documents({}) == 30
 
 
-def corpus_files():
-    if not CORPUS.is_dir():
-        return []
-    return sorted(CORPUS.glob("*.eml"))
-
-
-@pytest.mark.skipif(not corpus_files(), reason=f"email corpus not found at {CORPUS} (set COMMSYNC_CORPUS_DIR)")
+@pytest.mark.skipif(not CORPUS_FILES, reason=f"email corpus not found at {CORPUS} (set COMMSYNC_CORPUS_DIR)")
 async def test_every_corpus_message_survives_a_real_sync(dovecot, imap_user, memory_store):
     appended = 0
     client = dovecot.client(imap_user.name)
     client.create_folder("Corpus")
     refused = []
-    for path in corpus_files():
+    for path in CORPUS_FILES:
         try:
             client.append("Corpus", path.read_bytes())
             appended += 1
         except Exception as exc:  # the server's own limits (e.g. bare NULs), not ours
             refused.append((path.name, str(exc)))
     client.logout()
-    assert appended >= len(corpus_files()) * 0.9, refused
+    assert appended >= len(CORPUS_FILES) * 0.9, refused
     ok, runner, sink = await sync(settings_for(dovecot, imap_user, folders=["Corpus"], batch_size=40), memory_store)
     assert ok, runner.status
     stored = sum(b[2] for b in sink.batches)

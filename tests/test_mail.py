@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import csv
-import os
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from commsync.connectors.mail import extract_ids, normalize_email, normalize_message_id
+
+from seed import CORPUS, CORPUS_FILES
 
 RECORD_KEYS = {
     "_id",
@@ -690,16 +691,6 @@ def test_envelope_line_ending_the_header_block_starts_the_body() -> None:
 # --------------------------------------------------------------------------- corpus
 
 
-def _corpus_dir() -> Path:
-    configured = os.environ.get("COMMSYNC_CORPUS_DIR")
-    if configured:
-        return Path(configured)
-    # CI clones the repo next to shared/, locally it lives at /work/shared.
-    return Path(__file__).resolve().parents[2] / "shared" / "corpus" / "email"
-
-
-CORPUS = _corpus_dir()
-CORPUS_FILES = sorted(CORPUS.glob("*.eml")) if CORPUS.is_dir() else []
 NO_CORPUS = pytest.mark.skip(reason=f"email corpus not found at {CORPUS} (set COMMSYNC_CORPUS_DIR)")
 
 

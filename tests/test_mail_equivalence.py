@@ -12,28 +12,20 @@ trees on many awkward inputs also catches a future CPython changing its parser.
 from __future__ import annotations
 
 import base64
-import os
 import random
 from email import policy
 from email.message import Message
 from email.parser import BytesParser
-from pathlib import Path
 
 import pytest
 
 from commsync.connectors import mime
 
+from seed import CORPUS_FILES
+
 STDLIB = BytesParser(_class=mime.MimeMessage, policy=policy.compat32)
 
 
-def _corpus_dir() -> Path:
-    configured = os.environ.get("COMMSYNC_CORPUS_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[2] / "shared" / "corpus" / "email"
-
-
-CORPUS_FILES = sorted(_corpus_dir().glob("*.eml")) if _corpus_dir().is_dir() else []
 
 
 def tree(msg: Message) -> list:

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from commsync.connectors.mail import normalize_email
 
-
-def _corpus_dir() -> Path:
-    configured = os.environ.get("COMMSYNC_CORPUS_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[2] / "shared" / "corpus" / "email"
+from seed import CORPUS
 
 
 def corpus(name: str) -> bytes:
-    path = _corpus_dir() / name
+    path = CORPUS / name
     if not path.is_file():
         pytest.skip(f"{name} not in the email corpus (set COMMSYNC_CORPUS_DIR)")
     return path.read_bytes()

@@ -15,9 +15,8 @@ from commsync.daemon import admin, policy
 from commsync.daemon.store import now_utc
 
 from records import T0, email_record
-from seed import ALICE, BOB, CORPUS, STRANGER, assert_histories_are_rebuild, expected_automated, phone_record, with_cc
+from seed import ALICE, BOB, CORPUS, CORPUS_FILES, STRANGER, assert_histories_are_rebuild, expected_automated, phone_record, with_cc
 
-CORPUS_FILES = sorted(CORPUS.glob("*.eml")) if CORPUS.is_dir() else []
 needs_corpus = pytest.mark.skipif(not CORPUS_FILES, reason=f"email corpus not found at {CORPUS} (set COMMSYNC_CORPUS_DIR)")
 
 

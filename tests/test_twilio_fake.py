@@ -7,36 +7,23 @@ import json
 import re
 from datetime import UTC, date, datetime, timedelta, timezone
 from email.utils import parsedate_tz
-from pathlib import Path
 
 import pytest
 import requests
 from twilio.base.exceptions import TwilioException, TwilioRestException
 
-try:
-    from twilio_fake import (
-        ACCOUNT_FIELDS,
-        CALL_FIELDS,
-        CALL_RECORDING_FIELDS,
-        MESSAGE_FIELDS,
-        RECORDING_FIELDS,
-        FakeTwilio,
-        async_client_for,
-        client_for,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.twilio_fake import (  # type: ignore[no-redef]
-        ACCOUNT_FIELDS,
-        CALL_FIELDS,
-        CALL_RECORDING_FIELDS,
-        MESSAGE_FIELDS,
-        RECORDING_FIELDS,
-        FakeTwilio,
-        async_client_for,
-        client_for,
-    )
+from seed import TWILIO_SPEC
+from twilio_fake import (
+    ACCOUNT_FIELDS,
+    CALL_FIELDS,
+    CALL_RECORDING_FIELDS,
+    MESSAGE_FIELDS,
+    RECORDING_FIELDS,
+    FakeTwilio,
+    async_client_for,
+    client_for,
+)
 
-SPEC_PATH = Path("/work/shared/twilio/twilio_api_v2010.json")
 ACC = "AC" + "1" * 32
 TOKEN = "secret-token"
 UTC = UTC
@@ -430,9 +417,9 @@ def test_alternative_domain_base_url(fake):
 
 @pytest.fixture(scope="module")
 def spec():
-    if not SPEC_PATH.exists():
-        pytest.skip("Twilio OpenAPI spec not available at %s" % SPEC_PATH)
-    return json.loads(SPEC_PATH.read_text())
+    if not TWILIO_SPEC.exists():
+        pytest.skip("Twilio OpenAPI spec not available at %s" % TWILIO_SPEC)
+    return json.loads(TWILIO_SPEC.read_text())
 
 
 def _props(spec, name):
