@@ -702,16 +702,21 @@ def _missing_requirement() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def dovecot():
-    """A running private Dovecot for the whole session (skips if not installed,
-    fails instead when $CI is set)."""
+def require_dovecot() -> None:
+    """Skip the calling test or fixture when Dovecot cannot run here; fail instead when $CI is set."""
     missing = _missing_requirement()
     if missing:
         msg = f"real Dovecot IMAP server unavailable: {missing}"
         if os.environ.get("CI"):
             pytest.fail(msg + " -- required when CI is set", pytrace=False)
         pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def dovecot():
+    """A running private Dovecot for the whole session (skips if not installed,
+    fails instead when $CI is set)."""
+    require_dovecot()
     server = DovecotServer()
     server.start()
     try:

@@ -182,11 +182,7 @@ def test_idle_and_uidplus_advertised(dovecot, imap_user):
 
 @pytest.mark.integration
 def test_standalone_server_starts_fast_and_stops():
-    missing = dovecot_mod._missing_requirement()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(missing)
-        pytest.skip(missing)
+    dovecot_mod.require_dovecot()
     with DovecotServer() as server:
         assert server.startup_seconds < 2
         assert server.port != server.tls_port
@@ -202,11 +198,7 @@ def test_standalone_server_starts_fast_and_stops():
 def test_many_clients_config_holds_more_sessions_than_dovecots_default_limit():
     # Dovecot's default of 100 processes per service stops the 101st TLS session;
     # the benchmark of hundreds of mailboxes needs them all open at once.
-    missing = dovecot_mod._missing_requirement()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(missing)
-        pytest.skip(missing)
+    dovecot_mod.require_dovecot()
     sessions = 120
     with DovecotServer(extra_config=dovecot_mod.many_clients_config(sessions)) as server:
         assert server.settings("service/imap/process_limit") == {"service/imap/process_limit": str(sessions + 100)}
@@ -225,11 +217,7 @@ def test_many_clients_config_holds_more_sessions_than_dovecots_default_limit():
 
 @pytest.mark.integration
 def test_extra_config_with_an_unknown_setting_is_refused_before_start():
-    missing = dovecot_mod._missing_requirement()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(missing)
-        pytest.skip(missing)
+    dovecot_mod.require_dovecot()
     server = DovecotServer(extra_config="service imap {\n  proces_limit = 3\n}\n")
     with pytest.raises(ValueError, match="proces_limit"):
         server.start()

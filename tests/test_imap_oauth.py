@@ -9,7 +9,6 @@ asks the same server whether that token is active and whose it is.
 from __future__ import annotations
 
 import json
-import os
 import stat
 import threading
 from pathlib import Path
@@ -25,7 +24,7 @@ from commsync.daemon.auth_cli import sign_in
 from commsync.daemon.cli import main
 from commsync.daemon.runner import Runner, StoreSink
 
-from dovecot import DovecotServer, _missing_requirement
+from dovecot import DovecotServer, require_dovecot
 from mailgen import message
 from oauth_server import GOOGLE_MAIL_SCOPE, OAuthServer, wait_until
 
@@ -39,11 +38,7 @@ def oauth():
 @pytest.fixture(scope="module")
 def oauth_dovecot(oauth):
     """A Dovecot of its own (the shared one stays password-only) that accepts XOAUTH2 tokens from ``oauth``."""
-    missing = _missing_requirement()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"real Dovecot IMAP server unavailable: {missing} -- required when CI is set", pytrace=False)
-        pytest.skip(f"real Dovecot IMAP server unavailable: {missing}")
+    require_dovecot()
     with DovecotServer(oauth2_introspection_url=oauth.introspection_url) as server:
         yield server
 
