@@ -68,12 +68,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_corpus import typical_message  # noqa: E402
-from bench_imap import _children_map, _cpu_busy, _descendants, _mem_kb, _proc_table, wait_quiet  # noqa: E402
+from bench_imap import DEFAULT_COMMSYNC, _children_map, _cpu_busy, _descendants, _mem_kb, _proc_table, wait_quiet  # noqa: E402
 
-REPO = HERE.parent
-DEFAULT_COMMSYNC = str(REPO / ".venv" / "bin" / "commsync")
-if not os.path.exists(DEFAULT_COMMSYNC):
-    DEFAULT_COMMSYNC = shutil.which("commsync") or DEFAULT_COMMSYNC
 TICK = os.sysconf("SC_CLK_TCK")
 INBOX_SHARE = 0.7  # of each mailbox's messages; the rest go to Sent
 
