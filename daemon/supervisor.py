@@ -62,23 +62,29 @@ class Supervisor:
 
     async def apply(self, new: Settings) -> None:
         old = self.settings
+        # Read once at start (the store's matching, the upkeep loop, the listener...): they keep
+        # their running values everywhere, connectors included, until a restart.
+        restart = [k for k in _RESTART_KEYS if getattr(old, k) != getattr(new, k)]
+        restart += [f"daemon.{k}" for k in _RESTART_ONLY if getattr(old.daemon, k) != getattr(new.daemon, k)]
+        if restart:
+            log.warning("reload_needs_restart", keys=restart, detail="these keep their running values until a restart")
+        new = new.model_copy(
+            update={
+                **{k: getattr(old, k) for k in _RESTART_KEYS},
+                "daemon": new.daemon.model_copy(update={k: getattr(old.daemon, k) for k in _RESTART_ONLY}),
+            }
+        )
         before, after = _fingerprints(old), _fingerprints(new)
         removed = [n for n in before if n not in after]
         added = [n for n in after if n not in before]
         changed = [n for n in after if n in before and after[n] != before[n]]
 
-        # Read once at start by the store's matching and by the upkeep loop.
-        restart = [k for k in _RESTART_KEYS if getattr(old, k) != getattr(new, k)]
-        restart += [f"daemon.{k}" for k in _RESTART_ONLY if getattr(old.daemon, k) != getattr(new.daemon, k)]
-        if restart:
-            log.warning("reload_needs_restart", keys=restart, detail="these keep their running values until a restart")
         if new.log_level != old.log_level:
             logs.configure(new.log_level)
         store = getattr(self.runner.sink, "store", None)
         if store is not None:
-            # Blocklist, automated mail, capture.policy: the next batch follows the new file;
-            # the keys that need a restart keep their running values here too.
-            store.capture = app.capture_policy(new.model_copy(update={k: getattr(old, k) for k in _RESTART_KEYS}))
+            # Blocklist, automated mail, capture.policy: the next batch follows the new file.
+            store.capture = app.capture_policy(new)
         self.runner.policy = app.retry_policy(new)
         self.runner.poll_interval = new.daemon.poll_interval
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from structlog.testing import capture_logs
+
 from commsync.config import load_settings
 from commsync.daemon.runner import Runner, StoreSink
 from commsync.daemon.supervisor import Supervisor
@@ -35,8 +37,11 @@ async def test_reload_keeps_restart_only_keys_at_their_running_values(tmp_path, 
     supervisor = Supervisor(path, load_settings(path), Runner([], StoreSink(memory_store)), None)
     old_record = email_record("old@x")
     old_record["occurred_at"] = old_record["occurred_at"].replace(year=2001)
-    path.write_text(json.dumps({"mongodb": {"uri": "memory://"}, "retention": {"days": 30}}))
-    assert await supervisor.reload() is True
+    path.write_text(json.dumps({"mongodb": {"uri": "memory://"}, "retention": {"days": 30}, "daemon": {"lease_ttl": "2m"}}))
+    with capture_logs() as logs:
+        assert await supervisor.reload() is True
+    (warning,) = [e for e in logs if e["event"] == "reload_needs_restart"]
+    assert warning["keys"] == ["retention", "daemon.lease_ttl"]
     # retention needs a restart (the purge job keeps its schedule): capture does not start refusing old records.
     assert (await memory_store.write_batch([old_record])).records == 1
 
@@ -51,8 +56,6 @@ def test_a_start_with_no_sources_is_refused_as_a_bad_config(tmp_path, capsys):
 
 
 async def test_a_reload_that_removes_every_source_leaves_the_daemon_idling(tmp_path, memory_store):
-    from structlog.testing import capture_logs
-
     path = tmp_path / "commsync.yaml"
     box = {"name": "m", "host": "127.0.0.1", "port": 9, "security": "none", "username": "u", "password": "p"}
     path.write_text(json.dumps({"mongodb": {"uri": "memory://"}, "mailboxes": [box]}))
@@ -65,3 +68,22 @@ async def test_a_reload_that_removes_every_source_leaves_the_daemon_idling(tmp_p
         assert await supervisor.reload() is True
     assert [e["event"] for e in logs if e["event"] in ("no_sources", "reloaded")] == ["no_sources", "reloaded"]
     assert set(runner.status) == set() and not runner.stopping
+
+
+async def test_a_restart_only_key_restarts_no_source_and_keeps_its_running_value(tmp_path, memory_store):
+    # default_region is read by the store's matching at start: rebuilding the Twilio connectors
+    # with the new one would number phones one way and match them another.
+    path = tmp_path / "commsync.yaml"
+    account = {"name": "tw", "account_sid": "AC" + "1" * 32, "auth_token": "t" * 32}
+    path.write_text(json.dumps({"mongodb": {"uri": "memory://"}, "default_region": "US", "twilio_accounts": [account]}))
+    runner = Runner([], StoreSink(memory_store))
+    supervisor = Supervisor(path, load_settings(path), runner, None)
+    supervisor.start()
+    running = runner.connector("tw")
+    path.write_text(json.dumps({"mongodb": {"uri": "memory://"}, "default_region": "DE", "twilio_accounts": [account]}))
+    with capture_logs() as logs:
+        assert await supervisor.reload() is True
+    (done,) = [e for e in logs if e["event"] == "reloaded"]
+    assert done["restarted"] == [] and runner.connector("tw") is running
+    assert [e["keys"] for e in logs if e["event"] == "reload_needs_restart"] == [["default_region"]]
+    assert supervisor.settings.default_region == "US"
