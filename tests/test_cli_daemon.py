@@ -54,3 +54,34 @@ def test_sigterm_stops_the_daemon_with_exit_0(dovecot, imap_user, tmp_path):
     assert [e["event"] for e in tail][-1] == "stopped"
     assert out == ""  # stdout is for command output only
     assert imap_user.password not in err and imap_user.password not in "".join(json.dumps(e) for e in events)
+
+
+def test_run_once_takes_no_leases_and_runs_no_maintenance(dovecot, imap_user, cli):
+    # README: `run --once` may work a source beside a daemon; the daily purge is the daemon's.
+    from datetime import UTC, datetime
+
+    from records import email_record
+
+    dovecot.append(imap_user.name, "INBOX", message(1, date=datetime.now(UTC)))
+    cli.write(mailboxes=[dovecot.mailbox(imap_user, folders=["INBOX"])], retention={"days": 30})
+    old = email_record("old@x")
+    old["occurred_at"] = old["occurred_at"].replace(year=2001)
+    cli.db(lambda db: db.write_batch([old]))
+    assert cli("run", "--once")[0] == 0
+    ids = cli.db(lambda db: db.records.distinct("_id"))
+    assert len(ids) == 2 and "old@x" in ids, ids  # captured; the old one not purged
+    assert cli.db(lambda db: db.db["leases"].count_documents({})) == 0
+    assert cli.db(lambda db: db.db["instances"].count_documents({})) == 0
+
+
+def test_the_config_defaults_to_commsync_config(tmp_path, monkeypatch, capsys):
+    from commsync.daemon.cli import main
+
+    config = tmp_path / "elsewhere.yaml"
+    config.write_text(json.dumps({"mongodb": {"uri": "memory://"}}))
+    monkeypatch.setenv("COMMSYNC_CONFIG", str(config))
+    assert main(["check"]) == 0
+    assert f"config                   {config}" in capsys.readouterr().out
+    monkeypatch.setenv("COMMSYNC_CONFIG", str(tmp_path / "missing.yaml"))
+    assert main(["check"]) == 2
+    assert "missing.yaml" in capsys.readouterr().err

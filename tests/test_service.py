@@ -312,6 +312,31 @@ def test_unit_security_exposure_is_low(installed_unit):
     assert match, result.stdout[-2000:] + result.stderr
     # 1.1 at the time of writing; what is left needs the network (AF_INET, no PrivateNetwork, any IP).
     assert float(match.group(1)) <= 1.5, result.stdout
-    unit = UNIT.read_text()
-    for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure", "LoadCredential="):
-        assert line in unit
+
+
+def test_unit_values_are_the_ones_the_readme_states():
+    # systemd/README.md, "Lifecycle": the service's timings and restart rules.
+    settings = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, value)
+    expected = {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "WatchdogSec": "60s",
+        "TimeoutStopSec": "90s",
+        "KillMode": "mixed",
+        "Restart": "on-failure",
+        "RestartSec": "10s",
+        "StartLimitIntervalSec": "0",
+        "RestartPreventExitStatus": "2",
+        "LimitNOFILE": "65536",
+        "LoadCredential": "commsync:/etc/commsync/credentials",
+    }
+    assert {k: settings.get(k) for k in expected} == expected
+    # The daemon's own stop deadline stays below systemd's.
+    from commsync.config.models import DaemonSettings
+
+    assert DaemonSettings().shutdown_timeout.total_seconds() == 60 < 90
