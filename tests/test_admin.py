@@ -458,3 +458,21 @@ async def test_upkeep_stops_with_the_daemon(store):
     await asyncio.sleep(0)
     await upkeep.stop(grace=5)
     assert upkeep._task.done() and not upkeep._task.cancelled()
+
+
+@pytest.mark.parametrize("job_s, finished", [(0.2, True), (60, False)], ids=["within-grace", "cut-short"])
+async def test_a_stop_lets_the_job_in_hand_finish_within_its_grace(memory_store, monkeypatch, job_s, finished):
+    started, ended = asyncio.Event(), []
+
+    async def slow_rematch(store):
+        started.set()
+        await asyncio.sleep(job_s)
+        ended.append(True)
+
+    monkeypatch.setattr(admin, "rematch_unmatched", slow_rematch)
+    upkeep = maintenance.start(memory_store, settings())
+    await asyncio.wait_for(started.wait(), 5)  # the first pass runs the re-match at once
+    await upkeep.stop(grace=1.0)
+    assert upkeep._task.done()
+    assert ended == ([True] if finished else [])
+    assert upkeep._task.cancelled() is not finished
