@@ -6,10 +6,11 @@ import ipaddress
 import re
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -48,6 +49,10 @@ def parse_duration(value: Any) -> Any:
     return timedelta(seconds=total)
 
 
+# Every duration in the config: "90s", "15m", "1h30m", "01:30:00" or seconds (see parse_duration).
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
 class _Model(BaseModel):
     # Typos in a config file must fail loudly, not be ignored.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -62,15 +67,14 @@ class MongoSettings(_Model):
         default="commsync",
         description="The database holding `records`, `customer_history`, `sync_state` and the other collections (and your customers).",
     )
-    server_selection_timeout: timedelta = Field(
+    server_selection_timeout: Duration = Field(
         default=timedelta(seconds=10), description="How long to wait for a MongoDB server to answer."
     )
-    socket_timeout: timedelta = Field(
+    socket_timeout: Duration = Field(
         default=timedelta(minutes=5),
         description="Give up on one network read from MongoDB after this long: a connection that died silently (no reset) fails instead of hanging; keep it above your slowest aggregation.",
     )
 
-    _dur = field_validator("server_selection_timeout", "socket_timeout", mode="before")(parse_duration)
 
     @property
     def is_memory(self) -> bool:
@@ -107,11 +111,10 @@ class RetentionSettings(_Model):
 
 
 class RematchSettings(_Model):
-    interval: timedelta = Field(
+    interval: Duration = Field(
         default=timedelta(hours=1), description="The daemon re-links records that matched no customer at least this often."
     )
 
-    _dur = field_validator("interval", mode="before")(parse_duration)
 
 
 class CaptureSettings(_Model):
@@ -148,35 +151,31 @@ class HttpSettings(_Model):
 
 
 class DaemonSettings(_Model):
-    poll_interval: timedelta = Field(default=timedelta(minutes=1), description="Pause between passes over a source.")
-    backoff_max: timedelta = Field(default=timedelta(minutes=10), description="Cap of the exponential, jittered retry delay of a failing source.")
+    poll_interval: Duration = Field(default=timedelta(minutes=1), description="Pause between passes over a source.")
+    backoff_max: Duration = Field(default=timedelta(minutes=10), description="Cap of the exponential, jittered retry delay of a failing source.")
     parse_workers: int | None = Field(default=None, ge=1, description="Processes that parse mail (default: one per core).")
     max_sources: int | None = Field(default=None, ge=1, description="Most sources this instance works at once (default: its fair share).")
-    lease_ttl: timedelta = Field(
+    lease_ttl: Duration = Field(
         default=timedelta(seconds=60), description="A source whose instance stopped renewing its lease goes to another after this (at least `1s`)."
     )
     instance: str | None = Field(default=None, description="This instance's name in leases and `commsync status` (default: `hostname/pid`).")
-    auth_backoff_max: timedelta = Field(
+    auth_backoff_max: Duration = Field(
         default=timedelta(hours=4),
         description="Longest wait between logins of a source whose credentials are refused (the first retry comes after about a minute).",
     )
-    park_after: timedelta = Field(
+    park_after: Duration = Field(
         default=timedelta(days=3),
         description="Park a source whose credentials have been refused this long: no more logins until its config changes or `commsync source resume`. `0` = never.",
     )
-    verify_every: timedelta = Field(
+    verify_every: Duration = Field(
         default=timedelta(hours=24),
         description="Run `commsync verify` on each source this often, after a pass that caught up (`0` = never).",
     )
-    shutdown_timeout: timedelta = Field(
+    shutdown_timeout: Duration = Field(
         default=timedelta(seconds=60),
         description="On stop, wait this long for the batches in hand to be stored, then exit anyway (keep it below the unit's `TimeoutStopSec`).",
     )
     http: HttpSettings = Field(default=HttpSettings(), description="The optional HTTP listener for `/healthz` and `/metrics`.")
-
-    _dur = field_validator("poll_interval", "backoff_max", "lease_ttl", "auth_backoff_max", "park_after", "shutdown_timeout", "verify_every", mode="before")(
-        parse_duration
-    )
 
     @field_validator("lease_ttl")
     @classmethod
@@ -252,14 +251,13 @@ class MailboxConfig(_Model):
     folders: list[str] | None = Field(default=None, description="Folders to capture. Default: INBOX plus the folder marked `\\Sent`, found through SPECIAL-USE.")
     since: date | None = Field(default=None, description="How far back the first sync reaches (`2024-01-01`; default: everything).")
     batch_size: int = Field(default=500, ge=1, le=5000, description="Messages per fetch, store and checkpoint.")
-    poll_interval: timedelta | None = Field(default=None, description="Overrides `daemon.poll_interval` for this mailbox.")
-    timeout: timedelta = Field(default=timedelta(seconds=60), description="Network timeout of one IMAP command.")
+    poll_interval: Duration | None = Field(default=None, description="Overrides `daemon.poll_interval` for this mailbox.")
+    timeout: Duration = Field(default=timedelta(seconds=60), description="Network timeout of one IMAP command.")
     idle: bool | Literal["auto"] = Field(
         default="auto", description="Wait in IMAP IDLE on the first folder for new mail: `true`, `false`, or `auto` (when the server offers it)."
     )
-    idle_renew: timedelta = Field(default=timedelta(minutes=20), description="Re-issue IDLE this often; must be under `29m` (RFC 2177).")
+    idle_renew: Duration = Field(default=timedelta(minutes=20), description="Re-issue IDLE this often; must be under `29m` (RFC 2177).")
 
-    _dur = field_validator("poll_interval", "timeout", "idle_renew", mode="before")(parse_duration)
 
     @field_validator("idle_renew")
     @classmethod
@@ -343,7 +341,7 @@ class TwilioAccountConfig(_Model):
         default_factory=lambda: ["calls", "messages"], min_length=1, description="Which lists to read."
     )
     since: date | None = Field(default=None, description="The date the first sync reaches back to (UTC day; default: everything).")
-    lookback: timedelta = Field(
+    lookback: Duration = Field(
         default=timedelta(hours=2), description=(
             "Items newer than the cursor minus this window are read again at every poll. This picks up a price that arrives late, "
             "a message that goes from `sent` to `delivered`, or a recording added after the call (0 to 31 days)."
@@ -358,10 +356,9 @@ class TwilioAccountConfig(_Model):
             "These numbers are never treated as customers. The account's own side of each call or message is recognised without this list."
         ),
     )
-    poll_interval: timedelta | None = Field(default=None, description="Overrides `daemon.poll_interval` for this account.")
-    timeout: timedelta = Field(default=timedelta(seconds=60), description="Network timeout of one API request.")
+    poll_interval: Duration | None = Field(default=None, description="Overrides `daemon.poll_interval` for this account.")
+    timeout: Duration = Field(default=timedelta(seconds=60), description="Network timeout of one API request.")
 
-    _dur = field_validator("lookback", "poll_interval", "timeout", mode="before")(parse_duration)
 
     @field_validator("channels")
     @classmethod

@@ -12,7 +12,7 @@ import sys
 import types
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 from pydantic import BaseModel, SecretStr
@@ -44,6 +44,8 @@ def _model_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
 
 def _type_name(annotation: Any) -> str:
     origin = get_origin(annotation)
+    if origin is Annotated:  # e.g. Duration inside `Duration | None`
+        return _type_name(get_args(annotation)[0])
     if origin in (Union, types.UnionType):
         return " / ".join(_type_name(a) for a in get_args(annotation) if a is not type(None))
     if origin is Literal:
