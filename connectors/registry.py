@@ -145,8 +145,9 @@ _listeners: list[Callable[[], None]] = []
 
 
 def on_change(callback: Callable[[], None]) -> None:
-    """Call ``callback`` whenever the set of kinds changes (the config model is rebuilt)."""
-    _listeners.append(callback)
+    """Call ``callback`` whenever the set of kinds changes (the config model is rebuilt); once, however often asked."""
+    if callback not in _listeners:
+        _listeners.append(callback)
 
 
 def _changed() -> None:

@@ -92,6 +92,20 @@ def test_without_the_registration_the_key_is_unknown():
         settings_from_dict(CONFIG)
 
 
+def test_rebuilding_the_config_model_adds_no_listener(memo_kind):
+    # Each registration rebuilds the model, which asks to be told of the next change: once.
+    from commsync.config.models import settings_model
+
+    settings_model()
+    before = len(registry._listeners)
+    for _ in range(3):
+        registry.unregister("memo")
+        settings_model()
+        registry.register(memo_kind)
+        settings_model()
+    assert len(registry._listeners) == before
+
+
 async def test_the_kind_runs_through_runner_store_and_history(memo_kind, memory_store):
     await memory_store.customers.insert_one({"_id": "c-alice", "emails": ["alice@example.com"]})
     settings = settings_from_dict(CONFIG)
