@@ -64,7 +64,7 @@ async def retry(store: Any, sink: Any, connector: Connector, entries: Sequence[M
             continue
         gone = [item_id for item_id, _ in items if item_id not in seen]
         if gone:
-            await store.quarantine_drop_items(connector.name, stream, gone)
+            await store.quarantine_clear(connector.name, stream, gone)
             report.gone += gone
             log.info("quarantine_items_gone", source=connector.name, stream=stream, items=gone[:20], count=len(gone))
     if report.stored or report.failed:

@@ -25,6 +25,8 @@ from ..text import cut
 from .base import StoreBase, now_utc
 
 MAX_ATTEMPTS = 5
+# A reason is part of an entry's id when the item has none: a bound that never moves.
+REASON_CHARS = 300
 # The n-th automatic retry waits FIRST_RETRY * 4**(n-1): 5 minutes, 20 minutes, 80 minutes, ...
 FIRST_RETRY = timedelta(minutes=5)
 
@@ -60,10 +62,11 @@ class QuarantineMixin(StoreBase):
 
     async def _quarantine(self, source: str | None, entries: Iterable[tuple[str | None, Any, Any, str, dict[str, Any]]]) -> int:
         now = now_utc()
-        ops = []
+        ops, ids = [], []
         for stream, item_id, record_id, reason, detail in entries:
-            reason = cut(reason, 300)
+            reason = cut(reason, REASON_CHARS)
             qid = quarantine_id(source, stream, item_id, reason)
+            ids.append(qid)
             ops.append(
                 UpdateOne(
                     {"_id": qid},
@@ -86,17 +89,7 @@ class QuarantineMixin(StoreBase):
         if not ops:
             return 0
         await self.quarantined.bulk_write(ops, ordered=False)
-        # The schedule follows the attempt count the server now holds.
-        ids = [op._filter["_id"] for op in ops]
-        docs = await self.quarantined.find({"_id": {"$in": ids}}, {"attempts": 1, "item_id": 1}).to_list(None)
-        await self.quarantined.bulk_write(
-            [
-                # An item without an id cannot be fetched again: it waits for an admin from the start.
-                UpdateOne({"_id": d["_id"]}, {"$set": {"next_attempt_at": _due(now, d.get("attempts", 1)) if d.get("item_id") is not None else None}})
-                for d in docs
-            ],
-            ordered=False,
-        )
+        await self._reschedule({"_id": {"$in": ids}}, now)
         return len(ops)
 
     async def quarantine_attempt_failed(
@@ -114,17 +107,25 @@ class QuarantineMixin(StoreBase):
             return 0
         now = now_utc()
         query = {"source": source, "stream": stream, "item_id": {"$in": ids}}
-        fields: dict[str, Any] = {"last_attempt_at": now, "last_error": cut(error, 300)}
+        fields: dict[str, Any] = {"last_attempt_at": now, "last_error": cut(error, REASON_CHARS)}
         if stream_gone:
-            fields["reason"] = cut(f"stream {stream!r} is gone at the source: {error}", 300)
+            fields["reason"] = cut(f"stream {stream!r} is gone at the source: {error}", REASON_CHARS)
         result = await self.quarantined.update_many(query, {"$set": fields, "$inc": {"attempts": 1}})
-        docs = await self.quarantined.find(query, {"attempts": 1}).to_list(None)
+        await self._reschedule(query, now)
+        return result.modified_count
+
+    async def _reschedule(self, query: dict[str, Any], now: Any) -> None:
+        """Set the next retry of the matching entries from the attempt count the server now holds."""
+        docs = await self.quarantined.find(query, {"attempts": 1, "item_id": 1}).to_list(None)
         if docs:
             await self.quarantined.bulk_write(
-                [UpdateOne({"_id": d["_id"]}, {"$set": {"next_attempt_at": _due(now, d.get("attempts", 1))}}) for d in docs],
+                [
+                    # An item without an id cannot be fetched again: it waits for an admin from the start.
+                    UpdateOne({"_id": d["_id"]}, {"$set": {"next_attempt_at": _due(now, d.get("attempts", 1)) if d.get("item_id") is not None else None}})
+                    for d in docs
+                ],
                 ordered=False,
             )
-        return result.modified_count
 
     async def quarantine_list(self, source: str | None = None) -> list[dict[str, Any]]:
         """Every entry (of one source), oldest first."""
@@ -152,22 +153,14 @@ class QuarantineMixin(StoreBase):
         """Let an entry go for good (`commsync quarantine drop`); False when unknown."""
         return (await self.quarantined.delete_one({"_id": qid})).deleted_count == 1
 
-    async def quarantine_drop_items(self, source: str, stream: str, item_ids: Iterable[Any]) -> int:
-        """Forget entries of items that are no longer on the remote side."""
-        return await self.quarantine_clear(source, stream, item_ids)
-
     async def quarantine_clear(self, source: str, stream: str, item_ids: Iterable[Any]) -> int:
-        """Forget entries whose items are stored now."""
+        """Forget entries whose items are stored now, or no longer on the remote side."""
         ids = list(item_ids)
         if not ids:
             return 0
         result = await self.quarantined.delete_many({"source": source, "stream": stream, "item_id": {"$in": ids}})
         return result.deleted_count
 
-    async def quarantine_counts(self) -> dict[tuple[str, str], int]:
-        """Entries by (source, stream)."""
-        rows = await self.quarantined.aggregate([{"$group": {"_id": {"source": "$source", "stream": "$stream"}, "n": {"$sum": 1}}}]).to_list(None)
-        return {(r["_id"]["source"], r["_id"]["stream"]): r["n"] for r in rows}
 
 
 def _due(now: Any, attempts: int) -> Any:
