@@ -117,32 +117,17 @@ def merge_duplicates(records: Iterable[Mapping[str, Any]]) -> dict[Any, dict[str
     return merged
 
 
-def item_of(record: Mapping[str, Any], source: str | None, stream: str | None) -> tuple[Any, dict[str, Any]]:
-    """Which item of ``source``/``stream`` a record came from: (its id there, what else locates it).
+def items_of(record: Mapping[str, Any], source: str | None, stream: str | None) -> list[tuple[Any, dict[str, Any]]]:
+    """Every item of ``source``/``stream`` a record came from: (its id there, what else locates it).
 
     An IMAP message is its UID under a UIDVALIDITY; anything else is the
-    record's own id (a Twilio SID). The first, when it came from several (see `items_of`).
-    """
-    return items_of(record, source, stream)[0]
-
-
-def items_of(record: Mapping[str, Any], source: str | None, stream: str | None) -> list[tuple[Any, dict[str, Any]]]:
-    """Every item of ``source``/``stream`` a record came from, as `item_of` names them.
+    record's own id (a Twilio SID).
 
     A batch may hold one message under two UIDs of a folder (a copy); they
     become one record (`merge_duplicates`), and what is noted about it (left
     out, quarantined) holds for each of them.
     """
     return [(e["uid"], {"uidvalidity": e.get("uidvalidity")}) for e in _entries(record, source, stream)] or [(record.get("_id"), {})]
-
-
-def per_item(record: Mapping[str, Any], source: str | None, stream: str | None) -> list[dict[str, Any]]:
-    """``record`` once per item of ``source``/``stream`` it came from, each copy with that item's source entry only.
-
-    For code that notes one item per record (`item_of`), so every UID of a merged record is noted.
-    """
-    entries = _entries(record, source, stream)
-    return [{**record, "sources": [e]} for e in entries] if len(entries) > 1 else [dict(record)]
 
 
 def _entries(record: Mapping[str, Any], source: str | None, stream: str | None) -> list[Mapping[str, Any]]:

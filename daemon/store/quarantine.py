@@ -54,10 +54,12 @@ class QuarantineMixin(StoreBase):
 
     async def quarantine_records(self, source: str | None, stream: str | None, refused: Sequence[tuple[dict[str, Any], str]]) -> int:
         """Keep the ids of records that could not be stored, with why."""
-        entries = []
-        for record, reason in refused:
-            item_id, detail = capture.item_of(record, source, stream)
-            entries.append((stream, item_id, record.get("_id"), reason, detail))
+        # One entry per item: a record merged from two UIDs of the stream is quarantined under both.
+        entries = [
+            (stream, item_id, record.get("_id"), reason, detail)
+            for record, reason in refused
+            for item_id, detail in capture.items_of(record, source, stream)
+        ]
         return await self._quarantine(source, entries)
 
     async def _quarantine(self, source: str | None, entries: Iterable[tuple[str | None, Any, Any, str, dict[str, Any]]]) -> int:

@@ -115,9 +115,7 @@ class RecordsMixin(HistoryMixin):
             inserted, refused = await self._bulk_upsert(ops)
         refused += oversized
         if refused:
-            # One entry per item: a record merged from two UIDs of the stream is quarantined under both.
-            items = [(copy, why) for record, why in refused for copy in capture.per_item(record, source, stream)]
-            quarantined += await self.quarantine_records(source, stream, items)
+            quarantined += await self.quarantine_records(source, stream, refused)
         if not deltas:
             await self.refresh_history(plan.touched)
         refused_ids = tuple(record["_id"] for record, _ in refused)
