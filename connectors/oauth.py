@@ -44,8 +44,12 @@ class TokenRefused(CredentialsRefused):
     """The identity provider refused to issue a token; the message says what to fix."""
 
 
-class TokenUnavailable(TemporarilyUnavailable, ConnectionError):
-    """The token endpoint could not be reached or failed; trying later may help."""
+class TokenUnavailable(TemporarilyUnavailable):
+    """The token endpoint could not be reached or failed; trying later may help.
+
+    Not an OSError: the IMAP connector reports its own server's outages as
+    "cannot reach HOST", and a token endpoint that is down is not that.
+    """
 
 
 class TokenProvider(Protocol):

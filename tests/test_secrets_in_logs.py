@@ -120,7 +120,7 @@ async def test_no_secret_in_any_log_line_on_any_failure_path(config, memory_stor
         pool.shutdown()
     failures = {name: st.last_error or "" for name, st in runner.status.items()}
     assert "CredentialsRefused" in failures["refused"]
-    assert "TokenUnavailable" in failures["oauth-down"]
+    assert failures["oauth-down"].startswith("TokenUnavailable: "), failures  # the token endpoint, not "cannot reach" the IMAP host
     assert "CredentialsRefused" in failures["support"] and "HTTP 401" in failures["support"]
     assert "RuntimeError" in failures["buggy"]
     assert await memory_store.quarantine_list(), "the poisoned message is in quarantine"
