@@ -23,6 +23,7 @@ from commsync.connectors import registry
 from commsync.connectors.base import Batch, Connector, ReportsProblems, WaitsForChange, backlog_of
 
 from . import retry
+from .clock import aware, now_utc
 from .sinks import DryRunSink, KeepsStatus, Sink, StoreSink
 from .text import describe, field_name
 
@@ -359,7 +360,7 @@ class Runner:
             status.failures = status.refusals = 0
             status.refused_since = None
             status.last_error = None
-            status.last_success = _now()
+            status.last_success = now_utc()
             status.backlog = 0 if backlog_of(worker.connector) is not None else None
         status.state = "waiting"
         self._notify("pass_succeeded", status)
@@ -369,7 +370,7 @@ class Runner:
         """Count and log a failed pass; the seconds to wait before the next, or None when the source is parked now."""
         status = self.status[worker.name]
         kind = retry.classify(exc)
-        now = _now()
+        now = now_utc()
         status.failures += 1
         status.last_error = status.recent_error = describe(exc)
         status.last_error_at = now
@@ -417,7 +418,7 @@ class Runner:
     async def _park(self, worker: _Worker) -> None:
         status = self.status[worker.name]
         status.state = "parked"
-        status.parked_at = _now()
+        status.parked_at = now_utc()
         since = status.refused_since or status.parked_at
         status.parked_reason = f"credentials refused since {since.astimezone(UTC):%Y-%m-%d %H:%M}Z"
         worker.parked_fingerprint = _fingerprint(worker.connector)
@@ -453,7 +454,7 @@ class Runner:
                     unreadable = True
                 else:
                     unreadable = False
-            asked = _aware((doc or {}).get("resume_requested_at"))
+            asked = aware((doc or {}).get("resume_requested_at"))
             if changed or (asked is not None and status.parked_at is not None and asked > status.parked_at):
                 if changed:
                     log.info("source_resumed", source=worker.name, reason="credentials_changed")
@@ -477,16 +478,16 @@ class Runner:
             log.warning("status_not_loaded", source=worker.name, error=describe(exc))
             return
         status = self.status[worker.name]
-        status.newest_item_at = _later(status.newest_item_at, _aware(doc.get("newest_item_at")))
-        status.last_success = status.last_success or _aware(doc.get("last_success"))
+        status.newest_item_at = _later(status.newest_item_at, aware(doc.get("newest_item_at")))
+        status.last_success = status.last_success or aware(doc.get("last_success"))
         for key, counts in (doc.get("verified") or {}).items():
-            status.verified.setdefault(field_name(key), {**counts, "at": _aware(counts.get("at"))})
+            status.verified.setdefault(field_name(key), {**counts, "at": aware(counts.get("at"))})
         fingerprint = _fingerprint(worker.connector)
         if doc.get("fingerprint") != fingerprint:
             return  # the source's config changed: whatever it refused before is worth a new try
-        status.refused_since = _aware(doc.get("refused_since"))
-        parked_at = _aware(doc.get("parked_at"))
-        resumed = _aware(doc.get("resume_requested_at"))
+        status.refused_since = aware(doc.get("refused_since"))
+        parked_at = aware(doc.get("parked_at"))
+        resumed = aware(doc.get("resume_requested_at"))
         if doc.get("state") == "parked" and parked_at is not None and not (resumed and resumed > parked_at):
             status.state = "parked"
             status.parked_at = parked_at
@@ -552,7 +553,7 @@ class Runner:
     def _batch_done(self, worker: _Worker, batch: Batch, seconds: float) -> None:
         status = self.status.get(worker.name)
         if status is not None:
-            status.last_batch_at = _now()
+            status.last_batch_at = now_utc()
             status.backlog = backlog_of(worker.connector)
             newest = max((r["occurred_at"] for r in batch.records if isinstance(r.get("occurred_at"), datetime)), default=None)
             status.newest_item_at = _later(status.newest_item_at, newest)
@@ -690,16 +691,6 @@ async def _quiet_close(connector: Connector) -> None:
         await connector.aclose()
     except Exception as exc:
         log.warning("close_failed", source=connector.name, error=describe(exc))
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(value: Any) -> datetime | None:
-    if not isinstance(value, datetime):
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:

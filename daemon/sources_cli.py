@@ -11,6 +11,7 @@ from commsync.connectors import registry
 
 from . import quarantine
 from .admin_cli import Console, _command
+from .clock import aware
 from .sinks import StoreSink
 from .status import ago
 from .store import Store
@@ -53,13 +54,14 @@ async def quarantine_list(store: Store, settings: Any, args: argparse.Namespace,
         return 0
     rows = [("ID", "ATTEMPTS", "FIRST", "NEXT", "REASON")]
     for e in entries:
-        nxt = e.get("next_attempt_at")
+        due_at = e.get("next_attempt_at")
+        nxt = aware(due_at) or now
         rows.append(
             (
                 str(e["_id"]),
                 str(e.get("attempts", 0)),
-                ago(_aware(e.get("first_attempt_at")), now),
-                "admin" if nxt is None else ("due" if _aware(nxt) <= now else f"in {ago(now, _aware(nxt)).removesuffix(' ago')}"),
+                ago(aware(e.get("first_attempt_at")) or now, now),
+                "admin" if due_at is None else ("due" if nxt <= now else f"in {ago(now, nxt).removesuffix(' ago')}"),
                 cut(e.get("reason") or "", 80),
             )
         )
@@ -127,9 +129,3 @@ async def source_resume(store: Store, settings: Any, args: argparse.Namespace, i
     await store.request_resume(args.name)
     io.print(f"asked the instance working {args.name} to log in again (within about 10 s); `commsync status` shows the outcome")
     return 0
-
-
-def _aware(value: Any) -> datetime:
-    if not isinstance(value, datetime):
-        return datetime.now(UTC)
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -12,6 +12,7 @@ from commsync.config import Settings
 from commsync.connectors import registry
 
 from . import app
+from .clock import aware
 from .text import cut, describe, field_name, json_default
 
 COLUMNS = ("SOURCE", "KIND", "OWNER", "STATE", "LAST SUCCESS", "NEWEST", "VERIFIED", "FAILS", "BACKLOG", "LAST ERROR")
@@ -46,8 +47,8 @@ def status_rows(
 ) -> list[dict[str, Any]]:
     """One row per source: the configured ones in file order, then any others MongoDB remembers."""
     by_name = {s["_id"]: s for s in statuses}
-    live = {lease["_id"]: lease for lease in leases if _aware(lease.get("expires_at")) and _aware(lease["expires_at"]) > now}
-    expired = {lease["_id"]: _aware(lease.get("expires_at")) for lease in leases if lease["_id"] not in live}
+    live = {lease["_id"]: lease for lease in leases if aware(lease.get("expires_at")) and aware(lease["expires_at"]) > now}
+    expired = {lease["_id"]: aware(lease.get("expires_at")) for lease in leases if lease["_id"] not in live}
     names = [c.name for c in configured]
     in_config = set(names)
     names += sorted(n for n in by_name if n not in in_config)
@@ -62,7 +63,7 @@ def status_rows(
             state = "parked"
         elif doc:
             state = "no owner"
-            unowned_since = expired.get(name) or _aware(doc.get("updated_at"))
+            unowned_since = expired.get(name) or aware(doc.get("updated_at"))
         else:
             state = "never run"
         rows.append(
@@ -70,21 +71,21 @@ def status_rows(
                 "source": name,
                 "kind": doc.get("kind") or _kind_of(configured, name),
                 "owner": lease["owner"] if lease is not None else None,
-                "lease_expires": _aware(lease["expires_at"]) if lease is not None else None,
+                "lease_expires": aware(lease["expires_at"]) if lease is not None else None,
                 "state": state,
                 "in_config": name in in_config,
-                "last_success": _aware(doc.get("last_success")),
-                "last_batch_at": _aware(doc.get("last_batch_at")),
+                "last_success": aware(doc.get("last_success")),
+                "last_batch_at": aware(doc.get("last_batch_at")),
                 "consecutive_failures": doc.get("consecutive_failures", 0),
                 "backlog": doc.get("backlog"),
                 "last_error": doc.get("last_error"),
-                "last_error_at": _aware(doc.get("last_error_at")),
-                "newest_item_at": _aware(doc.get("newest_item_at")),
-                "verified_at": _aware(doc.get("verified_at")),
+                "last_error_at": aware(doc.get("last_error_at")),
+                "newest_item_at": aware(doc.get("newest_item_at")),
+                "verified_at": aware(doc.get("verified_at")),
                 "verified": {field_name(k): v for k, v in (doc.get("verified") or {}).items()},
                 "problems": dict(doc.get("problems") or {}),
                 "parked_reason": doc.get("parked_reason") if state == "parked" else None,
-                "refused_since": _aware(doc.get("refused_since")),
+                "refused_since": aware(doc.get("refused_since")),
                 "unowned_since": unowned_since,
                 # A configured source nobody has worked for longer than a lease: a gap in capture, not a pause.
                 "unowned_too_long": bool(name in in_config and unowned_since and now - unowned_since > lease_ttl),
@@ -129,8 +130,8 @@ def render(rows: Sequence[Mapping[str, Any]], instances: Sequence[Mapping[str, A
 def _instances(docs: Sequence[Mapping[str, Any]], now: datetime) -> list[dict[str, Any]]:
     out = []
     for d in docs:
-        expires = _aware(d.get("expires_at"))
-        out.append({"owner": d["_id"], "alive": bool(expires and expires > now), "seen_at": _aware(d.get("seen_at")), "host": d.get("host")})
+        expires = aware(d.get("expires_at"))
+        out.append({"owner": d["_id"], "alive": bool(expires and expires > now), "seen_at": aware(d.get("seen_at")), "host": d.get("host")})
     return out
 
 
@@ -139,13 +140,6 @@ def _kind_of(configured: Sequence[Any], name: str) -> str | None:
         if c.name == name:
             return registry.kind_of(c).name
     return None
-
-
-def _aware(value: Any) -> Any:
-    # Real MongoDB hands back aware datetimes (tz_aware=True); be safe with naive UTC.
-    if isinstance(value, datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 def _when(value: datetime | None, now: datetime) -> str:

@@ -9,7 +9,7 @@ keeps the verify from running (nor the other way round).
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -17,7 +17,7 @@ import structlog
 from commsync.connectors.base import Connector, Inventories
 
 from . import quarantine, verify
-from .store import now_utc
+from .clock import aware, now_utc
 from .text import describe
 
 log = structlog.get_logger(__name__)
@@ -87,10 +87,10 @@ class PassUpkeep:
         # Attempted from now on, whatever happens next (a fetch error, a timeout, MongoDB).
         self._next_verify[name] = now + self._retry_after
         doc = await self.store.source_status(name) or {}
-        last = doc.get("verified_at")
-        if isinstance(last, datetime):
+        last = aware(doc.get("verified_at"))
+        if last is not None:
             # Verified since (by us before a restart, or by another instance)?
-            due = _aware(last) + (self._retry_after if doc.get("verify_failed") else self.verify_every)
+            due = last + (self._retry_after if doc.get("verify_failed") else self.verify_every)
             if due > now:
                 self._next_verify[name] = due
                 return None
@@ -117,7 +117,3 @@ class PassUpkeep:
     def _verify_due(self, source: str) -> bool:
         when = self._next_verify.get(source)
         return when is None or now_utc() >= when
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

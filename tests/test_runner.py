@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 
 from commsync.connectors.base import Batch, CredentialsRefused, TemporarilyUnavailable
 from commsync.daemon import runner as runner_module
+from commsync.daemon.clock import now_utc
 from commsync.daemon.retry import RetryPolicy
 from commsync.daemon.runner import DryRunSink, Runner, StoreSink
 
@@ -398,7 +399,7 @@ async def test_a_parked_source_gives_back_a_lease_it_lost(memory_store, monkeypa
     try:
         await eventually(lambda: runner.status["sales"].state == "parked", what="parked")
         # Another instance holds it now (ours lapsed during a stall): the parked worker lets go.
-        later = runner_module._now() + timedelta(hours=1)
+        later = now_utc() + timedelta(hours=1)
         await memory_store.db["leases"].update_one({"_id": "sales"}, {"$set": {"owner": "b", "expires_at": later}})
         await eventually(lambda: runner.status["sales"].state == "waiting for lease", what="gave the lease back")
         assert not keeper.holds("sales") and "sales" not in keeper._held

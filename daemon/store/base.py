@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import pymongo
@@ -12,6 +11,7 @@ import pymongo.errors
 import structlog
 
 from .. import policy, schema
+from ..clock import now_utc
 from ..text import cut
 from .commands import CommandCounter
 from .memory import client as memory_client
@@ -38,12 +38,6 @@ SOURCE_STATUS = "source_status"
 # finishing late cannot overwrite a newer one (writers run concurrently: two
 # sources of one daemon, or several daemons).
 REVISIONS = "history_revisions"
-
-
-def now_utc() -> datetime:
-    """Now, at the millisecond precision MongoDB stores."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 class StoreBase:

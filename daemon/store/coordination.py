@@ -12,7 +12,11 @@ from typing import Any
 
 from pymongo.errors import DuplicateKeyError
 
+from ..clock import aware
 from .base import INSTANCES, LEASES, SOURCE_STATUS, StoreBase, now_utc
+
+# A lease without a readable expiry counts as expired long ago.
+_NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 class CoordinationMixin(StoreBase):
@@ -62,7 +66,7 @@ class CoordinationMixin(StoreBase):
             return {}
         now = now_utc()
         docs = await self.db[LEASES].find({"_id": {"$in": names}}, {"owner": 1, "expires_at": 1}).to_list(None)
-        return {d["_id"]: {**d, "live": _aware(d.get("expires_at")) > now} for d in docs}
+        return {d["_id"]: {**d, "live": (aware(d.get("expires_at")) or _NEVER) > now} for d in docs}
 
     async def heartbeat(self, owner: str, ttl: timedelta, info: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Announce ``owner`` alive for ``ttl``; the live instances, with the sources each can work."""
@@ -103,9 +107,3 @@ class CoordinationMixin(StoreBase):
         leases = await self.db[LEASES].find().to_list(None)
         instances = await self.db[INSTANCES].find().to_list(None)
         return statuses, leases, instances
-
-
-def _aware(value: Any) -> datetime:
-    if not isinstance(value, datetime):
-        return datetime.min.replace(tzinfo=UTC)
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
