@@ -15,6 +15,7 @@ import pytest
 
 from commsync.daemon import admin, history
 from commsync.daemon.store import Store
+from commsync.daemon.store import records as store_records
 
 from eventually import eventually
 from mongo_server import MongoTestServer, server_binary
@@ -412,6 +413,13 @@ def test_a_re_read_record_changes_nothing_and_a_moved_one_leaves_one_customer_fo
     assert (len(moved["c1"].removed), len(moved["c1"].added), len(moved["c2"].added)) == (1, 0, 1)
     # Listed twice, counted twice (as $unwind does).
     assert len(history.changes({}, {"r1": fields("r1", ["c1", "c1"])})["c1"].added) == 2
+
+
+def test_the_delta_path_carries_every_field_histories_read():
+    # A batch's $set reaches the history deltas only through these fields: one missing
+    # would leave histories stale for it until the next full recount.
+    for path in history.FIELDS:
+        assert path.split(".")[0] in store_records._CONTRIBUTING, path
 
 
 def _apply(doc, before, after, customer="c1"):

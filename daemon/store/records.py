@@ -14,7 +14,7 @@ from pymongo import ReplaceOne, UpdateOne
 
 from commsync.connectors.base import MalformedItem
 
-from .. import capture, matching, policy, schema
+from .. import capture, history, matching, policy, schema
 from ..text import cut
 from . import memory
 from .base import HISTORY, REVISIONS, now_utc
@@ -304,7 +304,7 @@ class RecordsMixin(HistoryMixin):
 
 
 # The top-level fields of a record `history.FIELDS` reads: what a batch's $set may change in histories.
-_CONTRIBUTING = ("customer_ids", "channel", "direction", "occurred_at", "call")
+_CONTRIBUTING = tuple(dict.fromkeys(path.split(".")[0] for path in history.FIELDS))
 # Write errors that are a collision with another writer, not a refusal: the transaction runs again.
 _COLLISIONS = frozenset({112, 11000})  # WriteConflict, DuplicateKey (a concurrent insert of the same _id)
 
