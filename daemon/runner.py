@@ -83,8 +83,14 @@ class _Worker:
     in_hand_batch: Batch | None = None
     # Crashes (bugs outside a pass) since the last successful pass: the crash backoff's attempt.
     crashes: int = 0
+    # The source's fingerprint (its config and secret files): computed once here, since it may
+    # cost a PBKDF2 on the event loop; only a parked worker looks for a new one (_wait_parked).
+    fingerprint: str | None = field(init=False, default=None)
     # The source's fingerprint when it was parked: a new one (a secret file written anew) un-parks it.
     parked_fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        self.fingerprint = _fingerprint(self.connector)
 
     @property
     def name(self) -> str:
@@ -421,7 +427,7 @@ class Runner:
         status.parked_at = now_utc()
         since = status.refused_since or status.parked_at
         status.parked_reason = f"credentials refused since {since.astimezone(UTC):%Y-%m-%d %H:%M}Z"
-        worker.parked_fingerprint = _fingerprint(worker.connector)
+        worker.parked_fingerprint = worker.fingerprint
         log.error(
             "source_parked",
             source=worker.name,
@@ -443,7 +449,8 @@ class Runner:
         load = getattr(self.sink, "load_source_status", None) if self._keeps_status else None
         unreadable = False
         while not worker.stop.is_set() and not self._revoked(worker):
-            changed = _fingerprint(worker.connector) != worker.parked_fingerprint
+            fingerprint = _fingerprint(worker.connector)
+            changed = fingerprint != worker.parked_fingerprint
             doc = None
             if load is not None and not changed:
                 try:
@@ -464,6 +471,7 @@ class Runner:
                 status.parked_reason = status.parked_at = status.refused_since = None
                 status.refusals = 0
                 worker.parked_fingerprint = None
+                worker.fingerprint = fingerprint
                 await self._save_status(worker, force=True)
                 return
             await self._until(worker, asyncio.sleep(PARK_POLL_S))
@@ -482,7 +490,7 @@ class Runner:
         status.last_success = status.last_success or aware(doc.get("last_success"))
         for key, counts in (doc.get("verified") or {}).items():
             status.verified.setdefault(field_name(key), {**counts, "at": aware(counts.get("at"))})
-        fingerprint = _fingerprint(worker.connector)
+        fingerprint = worker.fingerprint
         if doc.get("fingerprint") != fingerprint:
             return  # the source's config changed: whatever it refused before is worth a new try
         status.refused_since = aware(doc.get("refused_since"))
@@ -643,7 +651,7 @@ class Runner:
             "problems": status.problems,
             "parked_at": status.parked_at,
             "parked_reason": status.parked_reason,
-            "fingerprint": _fingerprint(worker.connector),
+            "fingerprint": worker.fingerprint,
         }
         for key in ("last_success", "last_batch_at", "newest_item_at"):
             if getattr(status, key) is not None:

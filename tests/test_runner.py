@@ -12,6 +12,7 @@ import pytest
 from pydantic import BaseModel, SecretStr
 from structlog.testing import capture_logs
 
+from commsync.connectors import registry
 from commsync.connectors.base import Batch, CredentialsRefused, TemporarilyUnavailable
 from commsync.daemon import runner as runner_module
 from commsync.daemon.clock import now_utc
@@ -346,9 +347,28 @@ async def test_a_parked_source_is_tried_again_when_its_secret_file_is_written_an
         secret.write_text("the new password, longer\n")
         await eventually(lambda: runner.status["sales"].records == 2, what="tried again with the new file")
         await eventually(lambda: _state_saved(memory_store, "sales", "waiting"), what="no longer parked in MongoDB")
+        # The new fingerprint is the one kept: a restart does not take the source for a changed one.
+        assert (await memory_store.source_status("sales"))["fingerprint"] == registry.fingerprint(connector.config)
     finally:
         runner.stop()
         await asyncio.wait_for(task, 5)
+
+
+async def test_the_fingerprint_is_computed_once_per_source_not_at_every_status_save(memory_store, monkeypatch):
+    # It may cost a PBKDF2 on the event loop; only a parked source looks for a new one.
+    fingerprint, calls = registry.fingerprint, []
+    monkeypatch.setattr(registry, "fingerprint", lambda config: calls.append(config) or fingerprint(config))
+    connector = ListConnector("sales", 2)
+    connector.config = SecretConfig(name="sales", password="a password")
+    runner = Runner([connector], StoreSink(memory_store), poll_interval=timedelta(milliseconds=1))
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: runner.status["sales"].passes >= 3, what="three passes, each saving its status")
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 5)
+    assert len(calls) == 1
+    assert (await memory_store.source_status("sales"))["fingerprint"] == fingerprint(connector.config)
 
 
 async def _state_saved(store, source, state):
