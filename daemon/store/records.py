@@ -17,7 +17,7 @@ from commsync.connectors.base import MalformedItem
 from .. import capture, history, matching, policy, schema
 from ..text import cut
 from . import memory
-from .base import HISTORY, REVISIONS, now_utc
+from .base import now_utc
 from .histories import HistoryMixin, Retry, as_stored
 from .refusals import refusal, sanitized
 
@@ -344,4 +344,4 @@ def _size(fields: Mapping[str, Any]) -> int:
         return MAX_DOCUMENT_BYTES + 1
 
 
-__all__ = ["BatchResult", "RecordsMixin", "HISTORY", "REVISIONS"]
+__all__ = ["BatchResult", "RecordsMixin"]
