@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -118,7 +118,6 @@ class Runner:
         poll_interval: timedelta = timedelta(minutes=1),
         intervals: Mapping[str, timedelta] | None = None,
         policy: retry.RetryPolicy | None = None,
-        backoff_max: timedelta | None = None,
         leases: Any = None,
         listeners: Sequence[Any] = (),
         shutdown_timeout: timedelta = timedelta(seconds=60),
@@ -130,8 +129,6 @@ class Runner:
         self.poll_interval = poll_interval
         self.intervals = dict(intervals or {})
         self.policy = policy or retry.RetryPolicy()
-        if backoff_max is not None:
-            self.policy = replace(self.policy, backoff_max=backoff_max)
         self.leases = leases
         self.listeners = list(listeners)
         self.shutdown_timeout = shutdown_timeout.total_seconds()
@@ -159,10 +156,6 @@ class Runner:
     @property
     def sources(self) -> list[str]:
         return list(self._workers)
-
-    @property
-    def backoff_max(self) -> timedelta:
-        return self.policy.backoff_max
 
     def connector(self, name: str) -> Connector:
         return self._workers[name].connector

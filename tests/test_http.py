@@ -13,6 +13,7 @@ import pytest
 from commsync.connectors.base import Batch
 from commsync.daemon.http import HttpEndpoint
 from commsync.daemon.metrics import Metrics
+from commsync.daemon.retry import RetryPolicy
 from commsync.daemon.runner import Runner, StoreSink
 from commsync.daemon.store import Store
 
@@ -58,7 +59,7 @@ async def served(memory_store):
         [Source("good", 5), Source("bad", 0, fail=True)],
         StoreSink(memory_store),
         poll_interval=timedelta(seconds=30),
-        backoff_max=timedelta(seconds=30),
+        policy=RetryPolicy(backoff_max=timedelta(seconds=30)),
         listeners=[metrics],
     )
     task = asyncio.create_task(runner.run())

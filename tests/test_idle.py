@@ -11,6 +11,7 @@ import pytest
 
 from commsync.config import settings_from_dict
 from commsync.daemon import app
+from commsync.daemon.retry import RetryPolicy
 from commsync.daemon.runner import Runner, StoreSink
 
 from eventually import eventually
@@ -216,7 +217,7 @@ async def test_server_going_away_and_coming_back(dovecot, imap_user, memory_stor
             app.build_connectors(settings(dovecot, imap_user, port=proxy.port, folders=["INBOX"]), None),
             StoreSink(memory_store),
             poll_interval=timedelta(minutes=10),
-            backoff_max=timedelta(seconds=1),
+            policy=RetryPolicy(backoff_max=timedelta(seconds=1)),
         )
         task = asyncio.create_task(runner.run())
         try:

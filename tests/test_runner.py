@@ -429,7 +429,7 @@ async def test_a_parked_source_gives_back_a_lease_it_lost(memory_store, monkeypa
 
 
 async def test_a_crash_after_a_successful_pass_waits_the_first_step_again(memory_store, monkeypatch):
-    runner = Runner([ListConnector("a", 2)], StoreSink(memory_store), poll_interval=timedelta(seconds=30), backoff_max=timedelta(milliseconds=10))
+    runner = Runner([ListConnector("a", 2)], StoreSink(memory_store), poll_interval=timedelta(seconds=30), policy=RetryPolicy(backoff_max=timedelta(milliseconds=10)))
     waits = 0
     wait_between_passes = runner._wait_between_passes
 

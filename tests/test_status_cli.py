@@ -12,6 +12,7 @@ from commsync.connectors.base import Batch
 from commsync.daemon import app, logs, status
 from commsync.daemon.cli import main
 from commsync.daemon.leases import LeaseKeeper
+from commsync.daemon.retry import RetryPolicy
 from commsync.daemon.runner import Runner, StoreSink
 
 from eventually import eventually
@@ -92,7 +93,7 @@ async def test_status_command_reads_what_the_runner_keeps(memory_store, monkeypa
         [Source("sales"), Source("support", fail=True)],
         StoreSink(memory_store),
         poll_interval=timedelta(seconds=30),
-        backoff_max=timedelta(seconds=30),
+        policy=RetryPolicy(backoff_max=timedelta(seconds=30)),
         leases=keeper,
     )
     task = asyncio.create_task(runner.run())
