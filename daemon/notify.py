@@ -15,6 +15,8 @@ from collections.abc import Mapping
 
 import structlog
 
+from .text import describe
+
 log = structlog.get_logger(__name__)
 
 
@@ -50,7 +52,7 @@ class Notifier:
             return True
         except OSError as exc:
             # A lost notification must never take the daemon down.
-            log.warning("sd_notify_failed", error=f"{type(exc).__name__}: {exc}")
+            log.warning("sd_notify_failed", error=describe(exc))
             return False
 
     def ready(self, status: str | None = None) -> bool:

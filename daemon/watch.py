@@ -37,7 +37,7 @@ from .store import (
     token_from_json,
     token_json,
 )
-from .text import cut, describe, json_default
+from .text import ERROR_CHARS, cut, describe, json_default
 
 log = structlog.get_logger(__name__)
 
@@ -114,7 +114,7 @@ class ResumeFile:
                 raise ValueError(f"it belongs to database {doc.get('database')!r}, not {self.database!r}")
             return token_from_json(doc.get("token"))
         except ValueError as exc:
-            raise ValueError(cut(str(exc), 300)) from None
+            raise ValueError(cut(str(exc), ERROR_CHARS)) from None
 
     def save(self, token: Mapping[str, Any]) -> None:
         """Replace the file atomically (readable by its owner only): a crash leaves the old token or the new one."""
@@ -161,7 +161,7 @@ class Follower:
                         if token is None and changes.token is not None:
                             # From now on: a restart begins here even if nothing arrives before it.
                             token = changes.token
-                            self._save(token)
+                            await self._save(token)
                         while not self.stop.is_set():
                             change = await changes.next()
                             if change is not None:
@@ -172,23 +172,25 @@ class Follower:
                                 continue
                             token = changes.token
                             if change is not None or time.monotonic() - last_save >= IDLE_SAVE_EVERY:
-                                self._save(token)
+                                await self._save(token)
                                 last_save = time.monotonic()
                 except ChangesInterrupted as exc:
                     attempt += 1
                     delay = RECONNECT.delay(retry.UNAVAILABLE, attempt)
-                    log.warning("watch_interrupted", error=cut(str(exc), 300), attempt=attempt, retry_in=round(delay, 1))
+                    log.warning("watch_interrupted", error=describe(exc), attempt=attempt, retry_in=round(delay, 1))
                     try:
                         await asyncio.wait_for(self.stop.wait(), delay)
                     except TimeoutError:
                         pass
         finally:
             if token is not None and token != self._saved:
-                self._save(token)
+                await self._save(token)
 
-    def _save(self, token: Mapping[str, Any]) -> None:
+    async def _save(self, token: Mapping[str, Any]) -> None:
         if self.resume is not None:
-            self.resume.save(token)
+            # A write and an fsync per change: off the event loop, awaited so the order stays
+            # print, save, next (a crash never leaves the saved token ahead of the output).
+            await asyncio.to_thread(self.resume.save, token)
         self._saved = token
 
 
