@@ -21,6 +21,7 @@ ones, and verifies again.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections import Counter
@@ -158,12 +159,14 @@ async def _verify_stream(connector: Any, store: Any, stream: str, checkpoint: Ma
     except SourceError as exc:
         return StreamReport(connector.name, stream, error=describe(exc), at=now_utc())
     record_ids = [i.record_id for i in remote if i.record_id is not None]
-    facts = Facts(
-        stored=await store.stored_items(connector.name, stream, scope, record_ids),
-        excluded=await store.excluded_items(connector.name, stream, scope),
-        quarantined=frozenset(await store.quarantined_items(connector.name, stream)),
-        tombstoned=frozenset(await store.tombstoned(record_ids)),
+    # Four independent reads: one round trip's wait, not four.
+    stored, excluded, quarantined, tombstoned = await asyncio.gather(
+        store.stored_items(connector.name, stream, scope, record_ids),
+        store.excluded_items(connector.name, stream, scope),
+        store.quarantined_items(connector.name, stream),
+        store.tombstoned(record_ids),
     )
+    facts = Facts(stored=stored, excluded=excluded, quarantined=frozenset(quarantined), tombstoned=frozenset(tombstoned))
     report = compare(connector.name, stream, remote, facts)
     report.at = now_utc()
     return report
