@@ -189,6 +189,19 @@ class Refusing(ListConnector):
             yield b
 
 
+def _count_parked_polls(monkeypatch) -> list[str]:
+    """Every look a parked worker takes (it computes the source's fingerprint each time)."""
+    polls: list[str] = []
+    real = runner_module._fingerprint
+
+    def counting(connector):
+        polls.append(connector.name)
+        return real(connector)
+
+    monkeypatch.setattr(runner_module, "_fingerprint", counting)
+    return polls
+
+
 async def test_a_source_refused_for_long_is_parked_while_the_others_capture(memory_store, monkeypatch):
     monkeypatch.setattr(runner_module, "PARK_POLL_S", 0.02)
     refusing, good = Refusing("sales"), ListConnector("good", 4)
@@ -199,8 +212,9 @@ async def test_a_source_refused_for_long_is_parked_while_the_others_capture(memo
         doc = await memory_store.source_status("sales")
         assert doc["state"] == "parked" and doc["parked_reason"].startswith("credentials refused since ")
         attempts = refusing.attempts
-        await asyncio.sleep(0.2)  # many backoff periods: a parked source does not log in
-        assert refusing.attempts == attempts
+        polls = _count_parked_polls(monkeypatch)
+        await eventually(lambda: len(polls) >= 5, what="five looks while parked")  # many backoff periods
+        assert refusing.attempts == attempts  # a parked source does not log in
         assert await memory_store.records.count_documents({"sources.source": "good"}) == 4
 
         # `commsync source resume sales`, after the password was fixed.
@@ -223,10 +237,11 @@ async def test_a_parked_source_stays_parked_across_a_restart(memory_store, monke
 
     again = Refusing("sales")
     second = Runner([again], StoreSink(memory_store), policy=FAST_REFUSALS)
+    polls = _count_parked_polls(monkeypatch)
     task = asyncio.create_task(second.run())
     try:
         await eventually(lambda: second.status["sales"].state == "parked")
-        await asyncio.sleep(0.1)
+        await eventually(lambda: len(polls) >= 5, what="five looks while parked")
         assert again.attempts == 0  # no login at all: it was parked before the restart
     finally:
         second.stop()
