@@ -640,10 +640,24 @@ def _token_provider(config: MailboxConfig) -> Any:
     return token_provider(config)
 
 
+# What servers without RFC 5530 response codes say for a folder that is not there:
+# Dovecot and Cyrus "Mailbox doesn't exist" / "does not exist", Gmail "Unknown
+# Mailbox", UW-IMAP and others "no such mailbox", Exchange "The specified folder
+# could not be found in the store". Anything else (a quota, a lock, "[ALREADYEXISTS]")
+# is not a missing folder and must never retire one.
+_MISSING_PHRASES = (
+    "mailbox doesn't exist",
+    "mailbox does not exist",
+    "unknown mailbox",
+    "no such mailbox",
+    "folder could not be found",
+)
+
+
 def _nonexistent(exc: BaseException) -> bool:
-    """True when the server said the folder does not exist (RFC 5530 NONEXISTENT, or the words for it)."""
+    """True when the server said the folder does not exist: RFC 5530 [NONEXISTENT], or one of the known phrases."""
     text = _text(exc).lower()
-    return "nonexistent" in text or "exist" in text or "unknown mailbox" in text or "could not be found" in text
+    return "[nonexistent]" in text or any(phrase in text for phrase in _MISSING_PHRASES)
 
 
 def _header_bytes(data: Mapping[bytes, Any]) -> bytes | None:
