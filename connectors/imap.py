@@ -531,11 +531,12 @@ class ImapConnector:
         uidvalidity = int(info[b"UIDVALIDITY"])
         # A UID from an older UIDVALIDITY names nothing now: the folder was read again since.
         uids = sorted({int(uid) for uid, detail in items if detail.get("uidvalidity", uidvalidity) == uidvalidity})
-        for start in range(0, len(uids), self.config.batch_size):
-            chunk = uids[start : start + self.config.batch_size]
+        # The same count- and byte-bounded chunks as capture: a retry must not hold more in memory than a pass.
+        for chunk in await self._chunks(client, uids):
             raw = await self._fetch(client, folder, uidvalidity, chunk)
             records, skipped, malformed = await self._normalize(raw, len(chunk), folder)
-            ids = [item.source["uid"] for item in raw if item.source["uid"] not in {m.item_id for m in malformed}]
+            unreadable = {m.item_id for m in malformed}
+            ids = [item.source["uid"] for item in raw if item.source["uid"] not in unreadable]
             yield Batch(folder, records, {}, skipped=skipped, malformed=malformed, item_ids=ids)
 
     async def _chunks(self, client: imapclient.IMAPClient, uids: list[int]) -> list[list[int]]:
