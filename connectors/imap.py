@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import re
 import socket
 import ssl
 import threading
@@ -38,7 +37,7 @@ from commsync.config.models import MailboxConfig
 
 from . import imap_extensions
 from .base import Batch, CredentialsRefused, MalformedItem, RemoteItem, SourceError, TemporarilyUnavailable, describe
-from .mail import normalize_message_id
+from .mail import message_id_of
 from .mailpool import MailParser, RawMail, mail_options
 
 log = structlog.get_logger(__name__)
@@ -54,7 +53,6 @@ NOTICE_S = 24 * 3600.0
 
 # UIDs per window when verify lists a folder's Message-IDs: one command each, answered in one go.
 INVENTORY_WINDOW = 20_000
-_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*((?:.|\r?\n[ \t])*)", re.IGNORECASE | re.MULTILINE)
 
 
 class FolderMissing(SourceError):
@@ -517,8 +515,7 @@ class ImapConnector:
             response = await self._call(imap_extensions.fetch_range, client, start, end, ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
             for uid in sorted(u for u in response if u <= last):
                 header = _header_bytes(response[uid])
-                found = _MESSAGE_ID.search(header or b"")
-                mid = normalize_message_id(found.group(1).decode("utf-8", "replace")) if found else None
+                mid = message_id_of(header) if header else None
                 items.append(RemoteItem(uid, record_id=mid, label=f"UID {uid}" + (f" <{mid}>" if mid else " (no Message-ID)")))
         return items
 
