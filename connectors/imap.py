@@ -36,7 +36,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginEr
 from commsync.config.models import MailboxConfig
 
 from . import imap_extensions
-from .base import Batch, CredentialsRefused, MalformedItem, RemoteItem, SourceError, TemporarilyUnavailable, describe
+from .base import Batch, CredentialsRefused, MalformedItem, RemoteItem, SourceError, StreamMissing, TemporarilyUnavailable, describe
 from .mail import message_id_of
 from .mailpool import MailParser, RawMail, mail_options
 
@@ -55,7 +55,7 @@ NOTICE_S = 24 * 3600.0
 INVENTORY_WINDOW = 20_000
 
 
-class FolderMissing(SourceError):
+class FolderMissing(StreamMissing):
     """A configured folder does not exist on the server."""
 
 
