@@ -60,6 +60,10 @@ NOTICE_S = 24 * 3600.0
 RATE_LIMIT_MAX_WAIT = 120.0
 
 
+class PermissionDenied(CredentialsRefused):
+    """HTTP 403: the credentials are valid but may not read this resource (a Standard or Restricted API key)."""
+
+
 class TwilioUnavailable(TemporarilyUnavailable):
     """Twilio did not answer usefully (5xx, connection, repeated 429): the runner backs off and retries."""
 
@@ -390,8 +394,9 @@ class TwilioConnector(_Verify):
                 raise TwilioUnavailable(f"{what}: unreadable response: {cut(str(exc), 300)}") from None
             if status in (401, 403):
                 self._drop()  # the next attempt re-reads the secret (it may have been rotated)
+                refused = CredentialsRefused if status == 401 else PermissionDenied
                 reason = "credentials refused" if status == 401 else "permission denied"
-                raise CredentialsRefused(f"{what}: {reason} for account {self.config.account_sid} (HTTP {status}{detail})")
+                raise refused(f"{what}: {reason} for account {self.config.account_sid} (HTTP {status}{detail})")
             if status == 404 and missing_ok:
                 return None
             if status == 429 and attempt < RATE_LIMIT_RETRIES:
@@ -418,9 +423,8 @@ class TwilioConnector(_Verify):
         try:
             info = await self._request("fetch account", account.fetch)
             return f"account ok: {info.friendly_name!r} ({info.status}, {info.type}); reading {', '.join(self.config.channels)}"
-        except CredentialsRefused as exc:
-            if "HTTP 403" not in str(exc):
-                raise
+        except PermissionDenied:
+            pass
         account = await self._call(self._account)
         lists = {"calls": account.calls, "messages": account.messages}
         for name in self.config.channels:
