@@ -160,7 +160,7 @@ class ImapConnector:
             if _connection_lost(exc):
                 # imapclient reports a dropped connection during LOGIN as a LoginError too:
                 # only the server's tagged answer is a refusal.
-                raise TemporarilyUnavailable(f"connection lost during login to {cfg.host}: {_text(exc.__context__ or exc)}") from None
+                raise TemporarilyUnavailable(f"connection lost during login to {cfg.host}: {str(exc.__context__ or exc)}") from None
             if self._tokens is not None and not fresh_token:
                 # A cached token can be revoked or expire early: one more try, on a
                 # new connection (servers differ in what follows a failed AUTHENTICATE).
@@ -169,8 +169,8 @@ class ImapConnector:
             if self._tokens is not None:
                 from .oauth import imap_refusal
 
-                raise CredentialsRefused(f"{imap_refusal(cfg.auth.provider or '', cfg.username)} (server said: {_text(exc)})") from None
-            raise CredentialsRefused(f"login refused for {cfg.username}: {_text(exc)}") from None
+                raise CredentialsRefused(f"{imap_refusal(cfg.auth.provider or '', cfg.username)} (server said: {str(exc)})") from None
+            raise CredentialsRefused(f"login refused for {cfg.username}: {str(exc)}") from None
         except BaseException:
             _quiet_close(client)
             raise
@@ -201,7 +201,7 @@ class ImapConnector:
         except (OSError, IMAPClientAbortError) as exc:
             if isinstance(exc, ssl.SSLCertVerificationError):
                 raise  # a configuration problem, not an outage
-            raise TemporarilyUnavailable(f"cannot reach {self.config.host}:{self.config.effective_port}: {_describe(exc)}") from None
+            raise TemporarilyUnavailable(f"cannot reach {self.config.host}:{self.config.effective_port}: {describe(exc)}") from None
         return self._client
 
     async def _drop(self) -> None:
@@ -290,7 +290,7 @@ class ImapConnector:
             if isinstance(exc, ssl.SSLCertVerificationError):
                 raise
             # The server or the network went away mid-pass: the next pass resumes from the checkpoint.
-            raise TemporarilyUnavailable(f"connection to {self.config.host} lost: {_describe(exc)}") from None
+            raise TemporarilyUnavailable(f"connection to {self.config.host} lost: {describe(exc)}") from None
         except BaseException:
             # A half-read connection cannot be trusted for the next pass.
             await self._drop()
@@ -423,7 +423,7 @@ class ImapConnector:
                 return await self._lost(exc, deadline)
             # The server answered, and refused a command (an extension it half supports): wait
             # without it on this connector from now on, rather than pass after pass at once.
-            self._log.warning("wait_command_refused", error=_describe(exc), fallback="IDLE on the first folder, checks of the others")
+            self._log.warning("wait_command_refused", error=describe(exc), fallback="IDLE on the first folder, checks of the others")
             self._no_notify = True
             await asyncio.sleep(max(0.0, deadline - loop.time()))
             return False
@@ -443,14 +443,14 @@ class ImapConnector:
             raise
         except Exception as exc:
             refused = isinstance(exc, IMAPClientError) and not isinstance(exc, IMAPClientAbortError)
-            self._log.warning("notify_none_failed", error=_describe(exc), refused=refused)
+            self._log.warning("notify_none_failed", error=describe(exc), refused=refused)
             if refused:
                 self._no_notify = True
             await self._drop()
 
     async def _lost(self, exc: BaseException, deadline: float) -> bool:
         """The connection went away while waiting: the next pass reconnects, after a pause if this keeps happening."""
-        self._log.warning("imap_connection_lost", error=_describe(exc))
+        self._log.warning("imap_connection_lost", error=describe(exc))
         await self._drop()
         self._wait_failures += 1
         # A server that drops every IDLE must not turn the wait into a pass loop.
@@ -614,7 +614,7 @@ class ImapConnector:
             return await self._call(client.select_folder, folder, readonly=True)
         except IMAPClientError as exc:
             if _nonexistent(exc):
-                raise FolderMissing(f"no folder {folder!r}: {_text(exc)}") from None
+                raise FolderMissing(f"no folder {folder!r}: {str(exc)}") from None
             raise
 
     async def _gone(self, client: imapclient.IMAPClient, streams: list[str]) -> list[str]:
@@ -654,7 +654,7 @@ _MISSING_PHRASES = (
 
 def _nonexistent(exc: BaseException) -> bool:
     """True when the server said the folder does not exist: RFC 5530 [NONEXISTENT], or one of the known phrases."""
-    text = _text(exc).lower()
+    text = str(exc).lower()
     return "[nonexistent]" in text or any(phrase in text for phrase in _MISSING_PHRASES)
 
 
@@ -683,16 +683,7 @@ def _utc(value: Any) -> datetime | None:
 def _connection_lost(exc: LoginError) -> bool:
     """True when a LoginError wraps a dropped connection rather than the server's refusal."""
     cause = exc.__context__
-    return isinstance(cause, IMAPClientAbortError | OSError) or "socket error" in _text(exc).lower()
-
-
-def _describe(exc: BaseException) -> str:
-    return describe(exc, 300)
-
-
-def _text(exc: BaseException) -> str:
-    text = str(exc)
-    return text.decode(errors="replace") if isinstance(text, bytes) else text
+    return isinstance(cause, IMAPClientAbortError | OSError) or "socket error" in str(exc).lower()
 
 
 def _quiet_close(client: imapclient.IMAPClient) -> None:

@@ -48,7 +48,7 @@ from twilio.rest import Client
 
 from commsync.config.models import TWILIO_BASE_URL, TwilioAccountConfig
 
-from .base import Batch, CredentialsRefused, MalformedItem, RemoteItem, TemporarilyUnavailable, cut, describe
+from .base import Batch, CredentialsRefused, MalformedItem, RemoteItem, TemporarilyUnavailable, describe
 from .twilio_records import Call, Malformed, Options, call_record, message_record, parse_call, parse_time, unreadable_numbers
 from .twilio_window import MAX_CALL, Conversation, LegGroups, Window
 
@@ -391,7 +391,7 @@ class TwilioConnector(_Verify):
             except requests.RequestException as exc:
                 raise TwilioUnavailable(f"{what}: {describe(exc)}") from None
             except ValueError as exc:  # a 200 whose body is not JSON (a proxy's error page)
-                raise TwilioUnavailable(f"{what}: unreadable response: {cut(str(exc), 300)}") from None
+                raise TwilioUnavailable(f"{what}: unreadable response: {describe(exc)}") from None
             if status in (401, 403):
                 self._drop()  # the next attempt re-reads the secret (it may have been rotated)
                 refused = CredentialsRefused if status == 401 else PermissionDenied

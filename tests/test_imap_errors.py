@@ -36,3 +36,37 @@ def test_a_missing_folder_is_recognised(text):
 )
 def test_an_unrelated_error_never_means_a_missing_folder(text):
     assert not _nonexistent(IMAPClientError(text))
+
+
+def test_a_normalizer_crash_is_described_at_the_common_length(monkeypatch):
+    from commsync.connectors import mailpool
+    from commsync.connectors.base import ERROR_CHARS
+
+    def crash(*args, **kwargs):
+        raise ValueError("x" * 2000)
+
+    monkeypatch.setattr(mailpool, "normalize_email", crash)
+    options = mailpool.MailOptions(frozenset(), frozenset(), 1000)
+    ((record, reason),) = mailpool.normalize_many([mailpool.RawMail(raw=b"x", received_at=None, truncated=False, source={})], options)
+    assert record is None and reason.startswith("ValueError: xxx") and len(reason) == ERROR_CHARS
+
+
+async def test_an_unreachable_server_is_described_at_the_common_length(dovecot, imap_user, monkeypatch):
+    from commsync.config import settings_from_dict
+    from commsync.connectors.base import ERROR_CHARS, TemporarilyUnavailable
+    from commsync.daemon import app
+
+    box = dovecot.mailbox(imap_user, addresses=[f"{imap_user.name}@ourco.example"])
+    (connector,) = app.build_connectors(settings_from_dict({"mongodb": {"uri": "memory://"}, "mailboxes": [box]}), None)
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError("y" * 2000)
+
+    monkeypatch.setattr(connector, "_connect_blocking", refused)
+    try:
+        with pytest.raises(TemporarilyUnavailable) as exc:
+            await connector._connected()
+    finally:
+        await connector.aclose()
+    described = str(exc.value).split(": ", 1)[1]
+    assert described.startswith("ConnectionRefusedError: yyy") and len(described) == ERROR_CHARS

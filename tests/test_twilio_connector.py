@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from commsync.config import ConfigError, load_settings, settings_from_dict
 from commsync.connectors.base import CredentialsRefused
-from commsync.connectors.twilio import PermissionDenied, TwilioConnector
+from commsync.connectors.twilio import PermissionDenied, TwilioConnector, TwilioUnavailable
 from commsync.daemon import app
 from commsync.daemon.cli import main
 from commsync.daemon.runner import Runner
@@ -549,6 +549,18 @@ async def test_check_tells_403_from_401_by_status_not_by_the_error_text(fake):
         assert sum(1 for r in fake.requests if r.path.endswith(("/Calls.json", "/Messages.json"))) == lists_before
     finally:
         await connector.aclose()
+
+
+async def test_a_200_that_is_not_json_is_unavailable_and_described(fake):
+    (connector,) = app.build_connectors(settings_for(account(fake)), None)
+    fake.fail_next(1, 200, path=f"/Accounts/{ACC}.json", body="<html>a proxy's error page</html>")
+    try:
+        with pytest.raises(TwilioUnavailable) as exc:
+            await connector.check()
+    finally:
+        await connector.aclose()
+    # Described as every other error is: the class says what kind of unreadable.
+    assert str(exc.value).startswith("fetch account: unreadable response: JSONDecodeError: ")
 
 
 async def test_api_key_credentials_from_a_file(fake, memory_store, tmp_path):
