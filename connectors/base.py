@@ -9,7 +9,8 @@ MongoDB.
 Errors tell the runner what to do, by class (as imapclient's typed exceptions
 and meltano's do): `CredentialsRefused` backs off for long and parks the
 source after a long run of refusals; `TemporarilyUnavailable` backs off and
-retries, after ``retry_after`` when the remote system said when; a
+retries, after ``retry_after`` when the remote system said when;
+`StreamMissing` says one stream (a folder) is gone, not the source; a
 `MalformedItem` costs one item, which goes to quarantine with its reason.
 Anything else is a bug or an unknown failure: logged with its traceback and
 retried on the normal backoff.
@@ -62,6 +63,14 @@ class TemporarilyUnavailable(SourceError):
     def __init__(self, message: str, *, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StreamMissing(SourceError):
+    """A stream of the source (an IMAP folder) is not on the remote side any more: deleted or renamed.
+
+    Retrying will not bring it back: the runner reports it as a problem of
+    that stream, and quarantined items of it are let go instead of retried.
+    """
 
 
 class MalformedItem(SourceError):

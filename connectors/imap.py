@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import re
 import socket
 import ssl
 import threading
@@ -37,8 +36,8 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginEr
 from commsync.config.models import MailboxConfig
 
 from . import imap_extensions
-from .base import Batch, CredentialsRefused, MalformedItem, RemoteItem, SourceError, TemporarilyUnavailable, describe
-from .mail import normalize_message_id
+from .base import Batch, CredentialsRefused, MalformedItem, RemoteItem, SourceError, StreamMissing, TemporarilyUnavailable, describe
+from .mail import message_id_of
 from .mailpool import MailParser, RawMail, mail_options
 
 log = structlog.get_logger(__name__)
@@ -54,10 +53,9 @@ NOTICE_S = 24 * 3600.0
 
 # UIDs per window when verify lists a folder's Message-IDs: one command each, answered in one go.
 INVENTORY_WINDOW = 20_000
-_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*((?:.|\r?\n[ \t])*)", re.IGNORECASE | re.MULTILINE)
 
 
-class FolderMissing(SourceError):
+class FolderMissing(StreamMissing):
     """A configured folder does not exist on the server."""
 
 
@@ -162,7 +160,7 @@ class ImapConnector:
             if _connection_lost(exc):
                 # imapclient reports a dropped connection during LOGIN as a LoginError too:
                 # only the server's tagged answer is a refusal.
-                raise TemporarilyUnavailable(f"connection lost during login to {cfg.host}: {_text(exc.__context__ or exc)}") from None
+                raise TemporarilyUnavailable(f"connection lost during login to {cfg.host}: {str(exc.__context__ or exc)}") from None
             if self._tokens is not None and not fresh_token:
                 # A cached token can be revoked or expire early: one more try, on a
                 # new connection (servers differ in what follows a failed AUTHENTICATE).
@@ -171,8 +169,8 @@ class ImapConnector:
             if self._tokens is not None:
                 from .oauth import imap_refusal
 
-                raise CredentialsRefused(f"{imap_refusal(cfg.auth.provider or '', cfg.username)} (server said: {_text(exc)})") from None
-            raise CredentialsRefused(f"login refused for {cfg.username}: {_text(exc)}") from None
+                raise CredentialsRefused(f"{imap_refusal(cfg.auth.provider or '', cfg.username)} (server said: {str(exc)})") from None
+            raise CredentialsRefused(f"login refused for {cfg.username}: {str(exc)}") from None
         except BaseException:
             _quiet_close(client)
             raise
@@ -203,7 +201,7 @@ class ImapConnector:
         except (OSError, IMAPClientAbortError) as exc:
             if isinstance(exc, ssl.SSLCertVerificationError):
                 raise  # a configuration problem, not an outage
-            raise TemporarilyUnavailable(f"cannot reach {self.config.host}:{self.config.effective_port}: {_describe(exc)}") from None
+            raise TemporarilyUnavailable(f"cannot reach {self.config.host}:{self.config.effective_port}: {describe(exc)}") from None
         return self._client
 
     async def _drop(self) -> None:
@@ -292,7 +290,7 @@ class ImapConnector:
             if isinstance(exc, ssl.SSLCertVerificationError):
                 raise
             # The server or the network went away mid-pass: the next pass resumes from the checkpoint.
-            raise TemporarilyUnavailable(f"connection to {self.config.host} lost: {_describe(exc)}") from None
+            raise TemporarilyUnavailable(f"connection to {self.config.host} lost: {describe(exc)}") from None
         except BaseException:
             # A half-read connection cannot be trusted for the next pass.
             await self._drop()
@@ -425,7 +423,7 @@ class ImapConnector:
                 return await self._lost(exc, deadline)
             # The server answered, and refused a command (an extension it half supports): wait
             # without it on this connector from now on, rather than pass after pass at once.
-            self._log.warning("wait_command_refused", error=_describe(exc), fallback="IDLE on the first folder, checks of the others")
+            self._log.warning("wait_command_refused", error=describe(exc), fallback="IDLE on the first folder, checks of the others")
             self._no_notify = True
             await asyncio.sleep(max(0.0, deadline - loop.time()))
             return False
@@ -445,14 +443,14 @@ class ImapConnector:
             raise
         except Exception as exc:
             refused = isinstance(exc, IMAPClientError) and not isinstance(exc, IMAPClientAbortError)
-            self._log.warning("notify_none_failed", error=_describe(exc), refused=refused)
+            self._log.warning("notify_none_failed", error=describe(exc), refused=refused)
             if refused:
                 self._no_notify = True
             await self._drop()
 
     async def _lost(self, exc: BaseException, deadline: float) -> bool:
         """The connection went away while waiting: the next pass reconnects, after a pause if this keeps happening."""
-        self._log.warning("imap_connection_lost", error=_describe(exc))
+        self._log.warning("imap_connection_lost", error=describe(exc))
         await self._drop()
         self._wait_failures += 1
         # A server that drops every IDLE must not turn the wait into a pass loop.
@@ -517,8 +515,7 @@ class ImapConnector:
             response = await self._call(imap_extensions.fetch_range, client, start, end, ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
             for uid in sorted(u for u in response if u <= last):
                 header = _header_bytes(response[uid])
-                found = _MESSAGE_ID.search(header or b"")
-                mid = normalize_message_id(found.group(1).decode("utf-8", "replace")) if found else None
+                mid = message_id_of(header) if header else None
                 items.append(RemoteItem(uid, record_id=mid, label=f"UID {uid}" + (f" <{mid}>" if mid else " (no Message-ID)")))
         return items
 
@@ -531,11 +528,12 @@ class ImapConnector:
         uidvalidity = int(info[b"UIDVALIDITY"])
         # A UID from an older UIDVALIDITY names nothing now: the folder was read again since.
         uids = sorted({int(uid) for uid, detail in items if detail.get("uidvalidity", uidvalidity) == uidvalidity})
-        for start in range(0, len(uids), self.config.batch_size):
-            chunk = uids[start : start + self.config.batch_size]
+        # The same count- and byte-bounded chunks as capture: a retry must not hold more in memory than a pass.
+        for chunk in await self._chunks(client, uids):
             raw = await self._fetch(client, folder, uidvalidity, chunk)
             records, skipped, malformed = await self._normalize(raw, len(chunk), folder)
-            ids = [item.source["uid"] for item in raw if item.source["uid"] not in {m.item_id for m in malformed}]
+            unreadable = {m.item_id for m in malformed}
+            ids = [item.source["uid"] for item in raw if item.source["uid"] not in unreadable]
             yield Batch(folder, records, {}, skipped=skipped, malformed=malformed, item_ids=ids)
 
     async def _chunks(self, client: imapclient.IMAPClient, uids: list[int]) -> list[list[int]]:
@@ -616,7 +614,7 @@ class ImapConnector:
             return await self._call(client.select_folder, folder, readonly=True)
         except IMAPClientError as exc:
             if _nonexistent(exc):
-                raise FolderMissing(f"no folder {folder!r}: {_text(exc)}") from None
+                raise FolderMissing(f"no folder {folder!r}: {str(exc)}") from None
             raise
 
     async def _gone(self, client: imapclient.IMAPClient, streams: list[str]) -> list[str]:
@@ -640,10 +638,24 @@ def _token_provider(config: MailboxConfig) -> Any:
     return token_provider(config)
 
 
+# What servers without RFC 5530 response codes say for a folder that is not there:
+# Dovecot and Cyrus "Mailbox doesn't exist" / "does not exist", Gmail "Unknown
+# Mailbox", UW-IMAP and others "no such mailbox", Exchange "The specified folder
+# could not be found in the store". Anything else (a quota, a lock, "[ALREADYEXISTS]")
+# is not a missing folder and must never retire one.
+_MISSING_PHRASES = (
+    "mailbox doesn't exist",
+    "mailbox does not exist",
+    "unknown mailbox",
+    "no such mailbox",
+    "folder could not be found",
+)
+
+
 def _nonexistent(exc: BaseException) -> bool:
-    """True when the server said the folder does not exist (RFC 5530 NONEXISTENT, or the words for it)."""
-    text = _text(exc).lower()
-    return "nonexistent" in text or "exist" in text or "unknown mailbox" in text or "could not be found" in text
+    """True when the server said the folder does not exist: RFC 5530 [NONEXISTENT], or one of the known phrases."""
+    text = str(exc).lower()
+    return "[nonexistent]" in text or any(phrase in text for phrase in _MISSING_PHRASES)
 
 
 def _header_bytes(data: Mapping[bytes, Any]) -> bytes | None:
@@ -671,16 +683,7 @@ def _utc(value: Any) -> datetime | None:
 def _connection_lost(exc: LoginError) -> bool:
     """True when a LoginError wraps a dropped connection rather than the server's refusal."""
     cause = exc.__context__
-    return isinstance(cause, IMAPClientAbortError | OSError) or "socket error" in _text(exc).lower()
-
-
-def _describe(exc: BaseException) -> str:
-    return describe(exc, 300)
-
-
-def _text(exc: BaseException) -> str:
-    text = str(exc)
-    return text.decode(errors="replace") if isinstance(text, bytes) else text
+    return isinstance(cause, IMAPClientAbortError | OSError) or "socket error" in str(exc).lower()
 
 
 def _quiet_close(client: imapclient.IMAPClient) -> None:

@@ -56,7 +56,7 @@ from .body import Body
 from .defects import Defects
 from .headers import Headers, all_values, collapse, first, subject_text, wanted_headers
 
-__all__ = ["extract_ids", "normalize_email", "normalize_message_id"]
+__all__ = ["extract_ids", "message_id_of", "normalize_email", "normalize_message_id"]
 
 _MAX_ID_CHARS = 998  # longer "ids" are junk and would bloat the _id index
 # Size caps: see the module docstring.
@@ -99,6 +99,19 @@ def normalize_message_id(value: str | None) -> str | None:
         return None
     local, at, domain = candidate.rpartition("@")
     return f"{local}@{domain.lower()}" if at else candidate
+
+
+def message_id_of(header: bytes) -> str | None:
+    """The normalized Message-ID of a message's header bytes, read exactly as capture reads it.
+
+    verify lists a folder's ids from ``HEADER.FIELDS (MESSAGE-ID)`` alone; reading
+    them any other way (a regex, another decoding) would make verify and capture
+    disagree on folded, 8-bit or duplicated ids and report stored messages missing.
+    """
+    msg = _parse(header, Defects())
+    if msg is None:
+        return None
+    return _message_id(wanted_headers(msg, {"message-id"}, Defects()), None)
 
 
 def extract_ids(value: str | None) -> list[str]:
@@ -181,7 +194,7 @@ def _normalize(
     date_text = first(headers, "date", hint)
     occurred_at = _occurred_at(date_text, received_at, defects)
 
-    message_id = normalize_message_id(first(headers, "message-id", hint))
+    message_id = _message_id(headers, hint)
     if message_id is None:
         defects.add("message-id:missing")
     in_reply_to = _first_id(all_values(headers, "in-reply-to", hint))
@@ -278,6 +291,11 @@ def _as_bytes(raw: Any, defects: Defects) -> bytes:
         pass
     defects.add("input:not-bytes")
     return b""
+
+
+def _message_id(headers: Headers, hint: str | None) -> str | None:
+    """The record's Message-ID: the first header of the name, unfolded and decoded, normalized."""
+    return normalize_message_id(first(headers, "message-id", hint))
 
 
 def _parse(raw: bytes, defects: Defects) -> Message | None:

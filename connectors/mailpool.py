@@ -78,7 +78,7 @@ def normalize_many(items: Sequence[RawMail], options: MailOptions) -> list[tuple
                 truncated_fetch=item.truncated,
             )
         except Exception as exc:  # the normalizer should not raise; one message must not stop a worker
-            out.append((None, describe(exc, 300)))
+            out.append((None, describe(exc)))
             continue
         record["sources"] = [item.source]
         out.append((record, None))

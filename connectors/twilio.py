@@ -48,7 +48,7 @@ from twilio.rest import Client
 
 from commsync.config.models import TWILIO_BASE_URL, TwilioAccountConfig
 
-from .base import Batch, CredentialsRefused, MalformedItem, RemoteItem, TemporarilyUnavailable, cut, describe
+from .base import Batch, CredentialsRefused, MalformedItem, RemoteItem, TemporarilyUnavailable, describe
 from .twilio_records import Call, Malformed, Options, call_record, message_record, parse_call, parse_time, unreadable_numbers
 from .twilio_window import MAX_CALL, Conversation, LegGroups, Window
 
@@ -58,6 +58,10 @@ RATE_LIMIT_RETRIES = 4
 # How long a notice stays in `problems` after it was seen.
 NOTICE_S = 24 * 3600.0
 RATE_LIMIT_MAX_WAIT = 120.0
+
+
+class PermissionDenied(CredentialsRefused):
+    """HTTP 403: the credentials are valid but may not read this resource (a Standard or Restricted API key)."""
 
 
 class TwilioUnavailable(TemporarilyUnavailable):
@@ -387,11 +391,12 @@ class TwilioConnector(_Verify):
             except requests.RequestException as exc:
                 raise TwilioUnavailable(f"{what}: {describe(exc)}") from None
             except ValueError as exc:  # a 200 whose body is not JSON (a proxy's error page)
-                raise TwilioUnavailable(f"{what}: unreadable response: {cut(str(exc), 300)}") from None
+                raise TwilioUnavailable(f"{what}: unreadable response: {describe(exc)}") from None
             if status in (401, 403):
                 self._drop()  # the next attempt re-reads the secret (it may have been rotated)
+                refused = CredentialsRefused if status == 401 else PermissionDenied
                 reason = "credentials refused" if status == 401 else "permission denied"
-                raise CredentialsRefused(f"{what}: {reason} for account {self.config.account_sid} (HTTP {status}{detail})")
+                raise refused(f"{what}: {reason} for account {self.config.account_sid} (HTTP {status}{detail})")
             if status == 404 and missing_ok:
                 return None
             if status == 429 and attempt < RATE_LIMIT_RETRIES:
@@ -418,9 +423,8 @@ class TwilioConnector(_Verify):
         try:
             info = await self._request("fetch account", account.fetch)
             return f"account ok: {info.friendly_name!r} ({info.status}, {info.type}); reading {', '.join(self.config.channels)}"
-        except CredentialsRefused as exc:
-            if "HTTP 403" not in str(exc):
-                raise
+        except PermissionDenied:
+            pass
         account = await self._call(self._account)
         lists = {"calls": account.calls, "messages": account.messages}
         for name in self.config.channels:

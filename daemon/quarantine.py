@@ -17,17 +17,11 @@ from typing import Any
 
 import structlog
 
-from commsync.connectors.base import Connector, Refetches
+from commsync.connectors.base import Connector, Refetches, StreamMissing
 
 from .text import describe
 
 log = structlog.get_logger(__name__)
-
-
-# Errors by which a connector says the stream itself is gone (an IMAP folder deleted or
-# renamed), named by class: the daemon imports no connector module (FolderMissing is
-# connectors/imap.py's; StreamMissing is the name for any other kind that needs one).
-STREAM_GONE = frozenset({"FolderMissing", "StreamMissing"})
 
 
 @dataclass
@@ -89,7 +83,7 @@ async def _retry_stream(
 async def _stream_failed(store: Any, source: str, stream: str, left: list[Any], exc: Exception, report: RetryReport) -> None:
     """Count the attempt of the items the failure left unread; say so when the stream is gone."""
     error = describe(exc)
-    gone = any(cls.__name__ in STREAM_GONE for cls in type(exc).__mro__)
+    gone = isinstance(exc, StreamMissing)
     report.errors[stream] = error
     report.failed += left
     log.warning("quarantine_retry_failed", source=source, stream=stream, items=len(left), stream_gone=gone, error=error)

@@ -19,7 +19,8 @@ import structlog
 from structlog.testing import capture_logs
 
 from commsync.config import ConfigError, load_settings, settings_from_dict
-from commsync.connectors.twilio import TwilioConnector
+from commsync.connectors.base import CredentialsRefused
+from commsync.connectors.twilio import PermissionDenied, TwilioConnector, TwilioUnavailable
 from commsync.daemon import app
 from commsync.daemon.cli import main
 from commsync.daemon.runner import Runner
@@ -524,7 +525,42 @@ async def test_403_is_an_auth_failure_with_a_clear_reason(fake, memory_store):
     settings = settings_for(account(fake, channels=["messages"]))
     ok, runner, _ = await sync(settings, memory_store)
     assert not ok
-    assert "CredentialsRefused" in runner.status["support"].last_error and "permission denied" in runner.status["support"].last_error
+    status = runner.status["support"]
+    # PermissionDenied is a CredentialsRefused: the runner counts it as a refusal.
+    assert "PermissionDenied" in status.last_error and "permission denied" in status.last_error and status.refusals == 1
+
+
+async def test_check_tells_403_from_401_by_status_not_by_the_error_text(fake):
+    (connector,) = app.build_connectors(settings_for(account(fake)), None)
+    try:
+        # A 403 is a PermissionDenied (still a CredentialsRefused): check falls back to one page per list.
+        fake.fail_next(1, 403, path=f"/Accounts/{ACC}.json")
+        assert "readable" in await connector.check()
+        fake.fail_next(1, 403, path=f"/Accounts/{ACC}.json")
+        with pytest.raises(PermissionDenied):
+            await connector._request("fetch account", (await connector._call(connector._account)).fetch)
+        # A 401 whose message happens to mention "HTTP 403" is refused credentials: no fallback.
+        body = {"code": 20003, "message": "Authenticate (HTTP 403 on the old API)", "status": 401, "more_info": ""}
+        fake.fail_next(1, 401, path=f"/Accounts/{ACC}.json", body=body)
+        lists_before = sum(1 for r in fake.requests if r.path.endswith(("/Calls.json", "/Messages.json")))
+        with pytest.raises(CredentialsRefused) as refused:
+            await connector.check()
+        assert not isinstance(refused.value, PermissionDenied) and str(refused.value).startswith("fetch account")
+        assert sum(1 for r in fake.requests if r.path.endswith(("/Calls.json", "/Messages.json"))) == lists_before
+    finally:
+        await connector.aclose()
+
+
+async def test_a_200_that_is_not_json_is_unavailable_and_described(fake):
+    (connector,) = app.build_connectors(settings_for(account(fake)), None)
+    fake.fail_next(1, 200, path=f"/Accounts/{ACC}.json", body="<html>a proxy's error page</html>")
+    try:
+        with pytest.raises(TwilioUnavailable) as exc:
+            await connector.check()
+    finally:
+        await connector.aclose()
+    # Described as every other error is: the class says what kind of unreadable.
+    assert str(exc.value).startswith("fetch account: unreadable response: JSONDecodeError: ")
 
 
 async def test_api_key_credentials_from_a_file(fake, memory_store, tmp_path):
